@@ -1,0 +1,232 @@
+//! The compute interface model code is written against.
+//!
+//! Model files (text, vision) only compose these operations; where they run is the
+//! backend's business. [`CpuBackend`] runs the `dvl-kernels` fast kernels, optionally split
+//! across a private rayon pool (never the global one) along output columns or query rows:
+//! every output element is computed by the same code in the same order whatever the split,
+//! so results do not depend on the thread count.
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+use dvl_kernels::attention::AttnShape;
+use dvl_kernels::matmul::{matmul, Isa};
+
+use crate::weights::WData;
+
+/// Key range `[lo, hi)` visible to query row `i`.
+pub type KeyRange<'f> = &'f (dyn Fn(usize) -> (usize, usize) + Sync);
+
+pub trait Backend: Sync {
+    /// `out[m, n] = x[m, k] · Wᵀ + bias`, `W [n, k]` as stored.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(
+        &self,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        w: WData<'_>,
+        n: usize,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+    );
+
+    /// Attention of `n_q` query rows over the rows of `k`/`v` (see [`dvl_kernels::attention`]).
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        q: &[f32],
+        n_q: usize,
+        k: &[f32],
+        v: &[f32],
+        out: &mut [f32],
+        shape: AttnShape,
+        scale: f32,
+        keys: KeyRange<'_>,
+    );
+
+    /// RMSNorm of each `w.len()`-wide row of `x` into `out`.
+    fn rms_norm(&self, x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+        let d = w.len();
+        for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            dvl_kernels::norm::rms_norm(xr, w, eps, or);
+        }
+    }
+}
+
+/// The CPU backend.
+pub struct CpuBackend {
+    isa: Isa,
+    #[cfg(feature = "std")]
+    pool: Option<rayon::ThreadPool>,
+}
+
+impl CpuBackend {
+    /// Single-threaded backend with the best ISA this CPU supports.
+    pub fn single_threaded() -> Self {
+        CpuBackend {
+            isa: dvl_kernels::cpu::detect_isa(),
+            #[cfg(feature = "std")]
+            pool: None,
+        }
+    }
+
+    /// Backend on a private pool of `n_threads` (0 = one per available core).
+    #[cfg(feature = "std")]
+    pub fn with_threads(n_threads: usize) -> crate::Result<Self> {
+        let n = if n_threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            n_threads
+        };
+        let mut be = Self::single_threaded();
+        if n > 1 {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .thread_name(|i| alloc::format!("dvl-worker-{i}"))
+                .build()
+                .map_err(|e| {
+                    crate::Error::InvalidArgument(alloc::format!("cannot start {n} threads: {e}"))
+                })?;
+            be.pool = Some(pool);
+        }
+        Ok(be)
+    }
+
+    /// Force the portable kernels (no AVX2), e.g. to compare paths.
+    pub fn force_portable(mut self) -> Self {
+        self.isa = Isa::Portable;
+        self
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    pub fn threads(&self) -> usize {
+        #[cfg(feature = "std")]
+        if let Some(p) = &self.pool {
+            return p.current_num_threads();
+        }
+        1
+    }
+}
+
+fn matmul_any(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: WData<'_>,
+    n0: usize,
+    n1: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    let b = bias.map(|b| &b[n0..n1]);
+    match w {
+        WData::BF16(s) => matmul(isa, x, m, k, &s[n0 * k..n1 * k], n1 - n0, b, out, ldo),
+        WData::F16(s) => matmul(isa, x, m, k, &s[n0 * k..n1 * k], n1 - n0, b, out, ldo),
+        WData::F32(s) => matmul(isa, x, m, k, &s[n0 * k..n1 * k], n1 - n0, b, out, ldo),
+    }
+}
+
+impl Backend for CpuBackend {
+    fn matmul(
+        &self,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        w: WData<'_>,
+        n: usize,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
+        #[cfg(feature = "std")]
+        if let Some(pool) = &self.pool {
+            let work = m * n * k;
+            if work >= 1 << 16 && n >= 32 {
+                use rayon::prelude::*;
+                let parts = (pool.current_num_threads() * 4).min(n / 16).max(1);
+                let chunk = n.div_ceil(parts);
+                let isa = self.isa;
+                let pieces: Vec<(usize, Vec<f32>)> = pool.install(|| {
+                    (0..parts)
+                        .into_par_iter()
+                        .filter_map(|p| {
+                            let n0 = p * chunk;
+                            let n1 = ((p + 1) * chunk).min(n);
+                            if n0 >= n1 {
+                                return None;
+                            }
+                            let mut buf = vec![0f32; m * (n1 - n0)];
+                            matmul_any(isa, x, m, k, w, n0, n1, bias, &mut buf, n1 - n0);
+                            Some((n0, buf))
+                        })
+                        .collect()
+                });
+                for (n0, buf) in pieces {
+                    let wdt = buf.len() / m.max(1);
+                    for i in 0..m {
+                        out[i * n + n0..i * n + n0 + wdt]
+                            .copy_from_slice(&buf[i * wdt..(i + 1) * wdt]);
+                    }
+                }
+                return;
+            }
+        }
+        matmul_any(self.isa, x, m, k, w, 0, n, bias, out, n);
+    }
+
+    fn attention(
+        &self,
+        q: &[f32],
+        n_q: usize,
+        k: &[f32],
+        v: &[f32],
+        out: &mut [f32],
+        s: AttnShape,
+        scale: f32,
+        keys: KeyRange<'_>,
+    ) {
+        let max_keys = (0..n_q)
+            .map(|i| keys(i))
+            .map(|(lo, hi)| hi - lo)
+            .max()
+            .unwrap_or(0);
+        let run = |i0: usize, q_rows: &[f32], out_rows: &mut [f32], rows: usize| {
+            let mut scores = vec![0f32; max_keys];
+            dvl_kernels::attention::attention(
+                q_rows,
+                rows,
+                k,
+                v,
+                out_rows,
+                s,
+                scale,
+                |i| keys(i0 + i),
+                &mut scores,
+            );
+        };
+        #[cfg(feature = "std")]
+        if let Some(pool) = &self.pool {
+            if n_q >= 2 && n_q * max_keys * s.n_heads >= 1 << 14 {
+                use rayon::prelude::*;
+                let per = n_q.div_ceil(pool.current_num_threads() * 4).max(1);
+                pool.install(|| {
+                    out[..n_q * s.q_stride]
+                        .par_chunks_mut(per * s.q_stride)
+                        .enumerate()
+                        .for_each(|(c, o)| {
+                            let i0 = c * per;
+                            let rows = o.len() / s.q_stride;
+                            run(i0, &q[i0 * s.q_stride..(i0 + rows) * s.q_stride], o, rows);
+                        })
+                });
+                return;
+            }
+        }
+        run(0, q, out, n_q);
+    }
+}

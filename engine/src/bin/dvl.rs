@@ -1,0 +1,272 @@
+//! `dvl`: command-line front end.
+//!
+//! Arguments are parsed by hand: the grammar is a handful of `--flag value` pairs and a
+//! parser crate would cost more build time than these forty lines.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use dvl::decoder::{BlockTrace, Observer, ProbeData};
+use dvl::{CpuBackend, Engine, GenerateParams, ImageInput, Request, Strategy};
+
+const USAGE: &str = "usage:
+  dvl generate --model DIR [--image PATH]... --prompt TEXT [--gen-length 128] [--steps 8]
+               [--block-size N] [--strategy static|dynamic] [--threshold 0.85]
+               [--temperature 0] [--top-k 0] [--top-p 1] [--seed N] [--threads N]
+               [--no-fuse-commit] [--json] [--dump DIR]
+
+Defaults equal the reference evaluation (gen_length 128, 8 steps per block, greedy,
+low_confidence_static). --json prints one object (ids, text, prompt_rows, forward_passes,
+timings); --dump DIR writes the fixture probe tensors to DIR/dump.safetensors.";
+
+struct Args {
+    flags: BTreeMap<String, Vec<String>>,
+    switches: Vec<String>,
+}
+
+const SWITCHES: &[&str] = &["json", "no-fuse-commit", "help"];
+
+fn parse(args: &[String]) -> Result<Args, String> {
+    let mut flags: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut switches = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let name = a
+            .strip_prefix("--")
+            .ok_or_else(|| format!("unexpected argument {a:?}"))?;
+        if SWITCHES.contains(&name) {
+            switches.push(name.to_string());
+            continue;
+        }
+        let v = it.next().ok_or_else(|| format!("--{name} needs a value"))?;
+        flags.entry(name.to_string()).or_default().push(v.clone());
+    }
+    Ok(Args { flags, switches })
+}
+
+impl Args {
+    fn one(&self, k: &str) -> Option<&str> {
+        self.flags.get(k).and_then(|v| v.last()).map(|s| s.as_str())
+    }
+    fn num<T: std::str::FromStr>(&self, k: &str, default: T) -> Result<T, String> {
+        match self.one(k) {
+            None => Ok(default),
+            Some(v) => v.parse().map_err(|_| format!("--{k}: cannot parse {v:?}")),
+        }
+    }
+    fn has(&self, k: &str) -> bool {
+        self.switches.iter().any(|s| s == k)
+    }
+    fn check_known(&self, known: &[&str]) -> Result<(), String> {
+        for k in self.flags.keys() {
+            if !known.contains(&k.as_str()) {
+                return Err(format!("unknown option --{k}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Streams text as blocks finish, collects probes for --dump.
+struct CliObserver<'e> {
+    engine: &'e Engine,
+    stream: bool,
+    printed: String,
+    probes: Option<Vec<(String, Vec<usize>, Vec<u8>, safetensors::Dtype)>>,
+}
+
+impl Observer for CliObserver<'_> {
+    fn on_block_done(&mut self, _b: &BlockTrace, ids: &[u32]) {
+        if !self.stream {
+            return;
+        }
+        let Ok(tok) = self.engine.tokenizer() else {
+            return;
+        };
+        // Only blocks before the first unfinished one are final: ids stay MASK past it.
+        let done: Vec<u32> = ids
+            .iter()
+            .copied()
+            .take_while(|&t| t != dvl::MASK_ID)
+            .collect();
+        if let Ok(text) = tok.decode_answer(&done) {
+            if let Some(new) = text.strip_prefix(self.printed.as_str()) {
+                print!("{new}");
+                let _ = std::io::stdout().flush();
+                self.printed = text;
+            }
+        }
+    }
+    fn wants_probes(&self) -> bool {
+        self.probes.is_some()
+    }
+    fn probe(&mut self, name: &str, shape: &[usize], data: ProbeData<'_>) {
+        if let Some(p) = &mut self.probes {
+            let (bytes, dt) = match data {
+                ProbeData::F32(d) => (
+                    d.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    safetensors::Dtype::F32,
+                ),
+                ProbeData::I64(d) => (
+                    d.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    safetensors::Dtype::I64,
+                ),
+            };
+            p.push((name.to_string(), shape.to_vec(), bytes, dt));
+        }
+    }
+}
+
+fn generate(args: &Args) -> Result<(), String> {
+    args.check_known(&[
+        "model",
+        "image",
+        "prompt",
+        "gen-length",
+        "steps",
+        "block-size",
+        "strategy",
+        "threshold",
+        "temperature",
+        "top-k",
+        "top-p",
+        "seed",
+        "threads",
+        "dump",
+    ])?;
+    let model = args.one("model").ok_or("--model DIR is required")?;
+    let prompt = args.one("prompt").ok_or("--prompt TEXT is required")?;
+    let defaults = GenerateParams::default();
+    let params = GenerateParams {
+        gen_length: args.num("gen-length", defaults.gen_length)?,
+        steps: args.num("steps", defaults.steps)?,
+        block_size: match args.one("block-size") {
+            Some(_) => Some(args.num("block-size", 8)?),
+            None => None,
+        },
+        strategy: Strategy::parse(args.one("strategy").unwrap_or("static"))
+            .map_err(|e| e.to_string())?,
+        threshold: args.num("threshold", defaults.threshold)?,
+        temperature: args.num("temperature", defaults.temperature)?,
+        top_k: args.num("top-k", defaults.top_k)?,
+        top_p: args.num("top-p", defaults.top_p)?,
+        seed: args.num("seed", defaults.seed)?,
+        fuse_commit: !args.has("no-fuse-commit"),
+    };
+    params.validate().map_err(|e| e.to_string())?;
+    let threads: usize = args.num("threads", 0)?;
+    let engine = Engine::open(&PathBuf::from(model)).map_err(|e| e.to_string())?;
+    let be = CpuBackend::with_threads(threads).map_err(|e| e.to_string())?;
+    let images: Vec<ImageInput> = args
+        .flags
+        .get("image")
+        .into_iter()
+        .flatten()
+        .map(|p| ImageInput::Path(PathBuf::from(p)))
+        .collect();
+    let req = Request {
+        prompt: prompt.to_string(),
+        images,
+        raw_prompt: false,
+    };
+    let json = args.has("json");
+    let dump = args.one("dump").map(PathBuf::from);
+    let mut obs = CliObserver {
+        engine: &engine,
+        stream: !json,
+        printed: String::new(),
+        probes: dump.as_ref().map(|_| Vec::new()),
+    };
+    let g = engine
+        .generate(&be, &req, &params, &mut obs)
+        .map_err(|e| e.to_string())?;
+    if let (Some(dir), Some(probes)) = (&dump, &obs.probes) {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = probes
+            .iter()
+            .map(|(n, s, b, dt)| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(*dt, s.clone(), b).expect("probe sizes"),
+                )
+            })
+            .collect();
+        let path = dir.join("dump.safetensors");
+        safetensors::serialize_to_file(views, None, &path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        eprintln!("dvl: wrote {} tensors to {}", probes.len(), path.display());
+    }
+    let o = &g.output;
+    if json {
+        let grids: Vec<[usize; 3]> = g.image_grids.iter().map(|gr| [gr.t, gr.h, gr.w]).collect();
+        let v = serde_json::json!({
+            "ids": o.ids,
+            "text": g.text,
+            "prompt_rows": o.prompt_rows,
+            "n_prompt_ids": g.prompt_ids.len(),
+            "n_image_tokens": g.image_tokens,
+            "image_grid_thw": grids,
+            "forward_passes": o.forward_passes,
+            "forward_calls": o.forward_calls,
+            "stopped_at_eos": o.stopped_at_eos,
+            "blocks_decoded": o.trace.len(),
+            "params": {
+                "gen_length": params.gen_length, "steps": params.steps,
+                "block_size": params.block_size.unwrap_or(engine.model.config.block_size),
+                "strategy": params.strategy.name(), "threshold": params.threshold,
+                "temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p,
+                "seed": params.seed, "fuse_commit": params.fuse_commit,
+            },
+            "threads": be.threads(),
+            "timings": {
+                "preprocess_ms": g.timings.preprocess_ms, "vision_ms": g.timings.vision_ms,
+                "prefill_ms": g.timings.prefill_ms, "decode_ms": g.timings.decode_ms,
+                "total_ms": g.timings.total_ms,
+            },
+        });
+        println!("{v}");
+    } else {
+        // Print whatever streaming did not (the final text is authoritative).
+        if let Some(rest) = g.text.strip_prefix(obs.printed.as_str()) {
+            print!("{rest}");
+        }
+        println!();
+        eprintln!(
+            "dvl: {} prompt rows, {} forward passes ({} calls), {:.1} ms total",
+            o.prompt_rows, o.forward_passes, o.forward_calls, g.timings.total_ms
+        );
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let Some(cmd) = argv.first() else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let args = match parse(&argv[1..]) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("dvl: {e}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.has("help") || cmd == "--help" || cmd == "help" {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    let r = match cmd.as_str() {
+        "generate" => generate(&args),
+        other => Err(format!("unknown command {other:?}\n\n{USAGE}")),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dvl: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! `config.json` of a DiffusionVL checkpoint (spec §1.2).
+//!
+//! The VL configs copy every text field to the top level and also keep `text_config`; we read
+//! the top level first and fall back to `text_config`, so either layout loads.
+
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// Model types this engine runs (spec §1.1).
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["diffusionvl_qwenvl"];
+
+/// Qwen2 / Qwen2.5-VL text decoder (spec §7).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TextConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f32,
+    pub rope_theta: f64,
+    pub tie_word_embeddings: bool,
+    pub max_position_embeddings: usize,
+}
+
+/// Qwen2.5-VL vision transformer (spec §1.2 vision table, §5.1).
+#[derive(Clone, Debug, PartialEq)]
+pub struct QwenVisionConfig {
+    pub depth: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_heads: usize,
+    pub patch_size: usize,
+    pub temporal_patch_size: usize,
+    pub spatial_merge_size: usize,
+    pub window_size: usize,
+    pub fullatt_block_indexes: Vec<usize>,
+    pub out_hidden_size: usize,
+    pub in_chans: usize,
+}
+
+impl QwenVisionConfig {
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_heads
+    }
+    /// Values per patch row: channels × temporal × patch × patch (1176 for the real tower).
+    pub fn patch_dim(&self) -> usize {
+        self.in_chans * self.temporal_patch_size * self.patch_size * self.patch_size
+    }
+    /// Merge unit: spatial_merge² patches become one LLM token.
+    pub fn merge_unit(&self) -> usize {
+        self.spatial_merge_size * self.spatial_merge_size
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub model_type: String,
+    pub text: TextConfig,
+    pub vision: QwenVisionConfig,
+    /// `bd3lm_block_size` (spec §8.1; default 8).
+    pub block_size: usize,
+    /// Image pixel range for `smart_resize` (spec §4.1, §12 Q4).
+    pub min_pixels: usize,
+    pub max_pixels: usize,
+    pub projector_type: String,
+    /// Assembled prompts are truncated to this many rows (spec §6 step 3).
+    pub max_prompt_rows: usize,
+}
+
+fn field<'v>(root: &'v Value, key: &str) -> Option<&'v Value> {
+    root.get(key).filter(|v| !v.is_null()).or_else(|| {
+        root.get("text_config")
+            .and_then(|t| t.get(key))
+            .filter(|v| !v.is_null())
+    })
+}
+
+fn usize_of(v: &Value, what: &str) -> Result<usize> {
+    v.as_u64().map(|x| x as usize).ok_or_else(|| {
+        Error::Config(format!(
+            "field {what} must be a non-negative integer, found {v}"
+        ))
+    })
+}
+
+fn req_usize(root: &Value, key: &str) -> Result<usize> {
+    let v = field(root, key).ok_or_else(|| Error::Config(format!("missing field {key}")))?;
+    usize_of(v, key)
+}
+
+fn opt_usize(root: &Value, key: &str, default: usize) -> Result<usize> {
+    match root.get(key).filter(|v| !v.is_null()) {
+        Some(v) => usize_of(v, key),
+        None => Ok(default),
+    }
+}
+
+fn f64_of(root: &Value, key: &str, default: f64) -> Result<f64> {
+    match field(root, key) {
+        Some(v) => v
+            .as_f64()
+            .ok_or_else(|| Error::Config(format!("field {key} must be a number, found {v}"))),
+        None => Ok(default),
+    }
+}
+
+impl Config {
+    pub fn from_json(bytes: &[u8]) -> Result<Config> {
+        let root: Value = serde_json::from_slice(bytes)
+            .map_err(|e| Error::Config(format!("config.json is not valid JSON: {e}")))?;
+        if !root.is_object() {
+            return Err(Error::Config(
+                "config.json must be a JSON object".to_string(),
+            ));
+        }
+        let model_type = root
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| Error::Config("missing field model_type".to_string()))?
+            .to_string();
+        if !SUPPORTED_MODEL_TYPES.contains(&model_type.as_str()) {
+            return Err(Error::UnsupportedModel {
+                model_type,
+                supported: SUPPORTED_MODEL_TYPES,
+            });
+        }
+        let hidden_size = req_usize(&root, "hidden_size")?;
+        let num_heads = req_usize(&root, "num_attention_heads")?;
+        let num_kv_heads = match field(&root, "num_key_value_heads") {
+            Some(v) => usize_of(v, "num_key_value_heads")?,
+            None => num_heads,
+        };
+        if num_heads == 0 || hidden_size % num_heads != 0 {
+            return Err(Error::Config(format!(
+                "hidden_size {hidden_size} is not a multiple of num_attention_heads {num_heads}"
+            )));
+        }
+        if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+            return Err(Error::Config(format!(
+                "num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
+            )));
+        }
+        let head_dim = match field(&root, "head_dim") {
+            Some(v) => usize_of(v, "head_dim")?,
+            None => hidden_size / num_heads,
+        };
+        if head_dim % 2 != 0 {
+            return Err(Error::Config(format!(
+                "head_dim {head_dim} must be even for RoPE"
+            )));
+        }
+        if let Some(act) = field(&root, "hidden_act").and_then(|v| v.as_str()) {
+            if act != "silu" {
+                return Err(Error::Config(format!(
+                    "hidden_act {act:?} unsupported (expected \"silu\")"
+                )));
+            }
+        }
+        let text = TextConfig {
+            hidden_size,
+            intermediate_size: req_usize(&root, "intermediate_size")?,
+            num_layers: req_usize(&root, "num_hidden_layers")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            vocab_size: req_usize(&root, "vocab_size")?,
+            rms_norm_eps: f64_of(&root, "rms_norm_eps", 1e-6)? as f32,
+            rope_theta: f64_of(&root, "rope_theta", 1e6)?,
+            tie_word_embeddings: field(&root, "tie_word_embeddings")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
+            max_position_embeddings: match field(&root, "max_position_embeddings") {
+                Some(v) => usize_of(v, "max_position_embeddings")?,
+                None => 32768,
+            },
+        };
+        if text.vocab_size <= crate::MASK_ID as usize {
+            return Err(Error::Config(format!(
+                "vocab_size {} has no row for the MASK id {} (spec §14 item 1)",
+                text.vocab_size,
+                crate::MASK_ID
+            )));
+        }
+        let vc = root
+            .get("vision_config")
+            .filter(|v| v.is_object())
+            .ok_or_else(|| Error::Config("missing object vision_config".to_string()))?;
+        let v_req = |k: &str| -> Result<usize> {
+            let v = vc
+                .get(k)
+                .ok_or_else(|| Error::Config(format!("missing field vision_config.{k}")))?;
+            usize_of(v, &format!("vision_config.{k}"))
+        };
+        let v_opt = |k: &str, d: usize| -> Result<usize> {
+            match vc.get(k).filter(|v| !v.is_null()) {
+                Some(v) => usize_of(v, &format!("vision_config.{k}")),
+                None => Ok(d),
+            }
+        };
+        let fullatt = match vc.get("fullatt_block_indexes") {
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| usize_of(v, "vision_config.fullatt_block_indexes"))
+                .collect::<Result<Vec<_>>>()?,
+            _ => Vec::new(),
+        };
+        let vision = QwenVisionConfig {
+            depth: v_req("depth")?,
+            hidden_size: v_req("hidden_size")?,
+            intermediate_size: v_req("intermediate_size")?,
+            num_heads: v_req("num_heads")?,
+            patch_size: v_opt("patch_size", 14)?,
+            temporal_patch_size: v_opt("temporal_patch_size", 2)?,
+            spatial_merge_size: v_opt("spatial_merge_size", 2)?,
+            window_size: v_opt("window_size", 112)?,
+            fullatt_block_indexes: fullatt,
+            out_hidden_size: v_opt("out_hidden_size", hidden_size)?,
+            in_chans: match vc.get("in_chans").or_else(|| vc.get("in_channels")) {
+                Some(v) => usize_of(v, "vision_config.in_chans")?,
+                None => 3,
+            },
+        };
+        if vision.num_heads == 0
+            || vision.hidden_size % vision.num_heads != 0
+            || vision.head_dim() % 4 != 0
+        {
+            return Err(Error::Config(format!(
+                "vision hidden_size {} / num_heads {} must give a head_dim divisible by 4 (2-D RoPE)",
+                vision.hidden_size, vision.num_heads
+            )));
+        }
+        if vision.out_hidden_size != hidden_size {
+            return Err(Error::Config(format!(
+                "vision_config.out_hidden_size {} differs from hidden_size {hidden_size}",
+                vision.out_hidden_size
+            )));
+        }
+        let unit = vision.patch_size * vision.spatial_merge_size;
+        if vision.patch_size == 0
+            || vision.spatial_merge_size == 0
+            || vision.window_size % unit != 0
+        {
+            return Err(Error::Config(format!(
+                "vision window_size {} must be a multiple of patch_size × spatial_merge_size = {unit}",
+                vision.window_size
+            )));
+        }
+        let projector_type = root
+            .get("mm_projector_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("qwen_merger")
+            .to_string();
+        if projector_type != "qwen_merger" {
+            return Err(Error::Config(format!(
+                "mm_projector_type {projector_type:?} unsupported for {}; expected \"qwen_merger\"",
+                SUPPORTED_MODEL_TYPES[0]
+            )));
+        }
+        let block_size = opt_usize(&root, "bd3lm_block_size", 8)?;
+        if block_size == 0 {
+            return Err(Error::Config(
+                "bd3lm_block_size must be at least 1".to_string(),
+            ));
+        }
+        let min_pixels = opt_usize(&root, "min_pixels", 147_456)?;
+        let max_pixels = opt_usize(&root, "max_pixels", 262_144)?;
+        if min_pixels > max_pixels {
+            return Err(Error::Config(format!(
+                "min_pixels {min_pixels} > max_pixels {max_pixels}"
+            )));
+        }
+        Ok(Config {
+            model_type,
+            text,
+            vision,
+            block_size,
+            min_pixels,
+            max_pixels,
+            projector_type,
+            max_prompt_rows: opt_usize(&root, "tokenizer_model_max_length", 8192)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"{"model_type":"diffusionvl_qwenvl","text_config":{"hidden_size":64,"intermediate_size":160,
+      "num_hidden_layers":3,"num_attention_heads":4,"num_key_value_heads":2,"vocab_size":151936},
+      "vision_config":{"depth":4,"hidden_size":64,"intermediate_size":96,"num_heads":2,"out_hidden_size":64}}"#;
+
+    #[test]
+    fn text_fields_fall_back_to_text_config_and_defaults_apply() {
+        let c = Config::from_json(MIN.as_bytes()).unwrap();
+        assert_eq!(c.text.head_dim, 16);
+        assert_eq!(c.block_size, 8);
+        assert_eq!((c.min_pixels, c.max_pixels), (147_456, 262_144));
+        assert_eq!(c.vision.patch_dim(), 1176);
+        assert_eq!(c.text.rope_theta, 1e6);
+    }
+
+    #[test]
+    fn unknown_model_type_lists_supported_ones() {
+        let e = Config::from_json(br#"{"model_type":"llama"}"#).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("llama") && msg.contains("diffusionvl_qwenvl"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn mislabelled_fields_are_named() {
+        let bad = MIN.replace("\"num_hidden_layers\":3", "\"num_hidden_layers\":\"three\"");
+        let e = Config::from_json(bad.as_bytes()).unwrap_err().to_string();
+        assert!(e.contains("num_hidden_layers"), "{e}");
+        let small_vocab = MIN.replace("151936", "1000");
+        assert!(Config::from_json(small_vocab.as_bytes())
+            .unwrap_err()
+            .to_string()
+            .contains("MASK"));
+    }
+}

@@ -1,0 +1,359 @@
+//! The std-side entry point: a checkpoint directory (memory-mapped) or caller-owned bytes,
+//! the tokenizer, images from files or buffers, and one call that answers a question.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::backend::CpuBackend;
+use crate::config::Config;
+use crate::decoder::{self, GenerateParams, Observer, Output, ProbeData};
+use crate::error::{Error, Result};
+use crate::images::{self, DecodeLimits, RgbImage};
+use crate::models::qwen2_5_vl::vision::Grid;
+use crate::models::qwen2_5_vl::Model;
+use crate::prompt;
+use crate::tokenizer::Tokenizer;
+use crate::weights::{ShardBytes, WeightStore};
+
+/// One image of a request.
+pub enum ImageInput {
+    /// A JPEG or PNG file.
+    Path(PathBuf),
+    /// JPEG or PNG bytes.
+    Encoded(Vec<u8>),
+    /// Decoded RGB8 pixels (camera frames, render targets).
+    Rgb(RgbImage),
+    /// Already preprocessed `pixel_values [patches, patch_dim]` and grid (bring your own
+    /// decoder / processor).
+    Pixels { values: Vec<f32>, grid: Grid },
+}
+
+/// A question, optionally about images.
+pub struct Request {
+    /// The user's question. With `raw_prompt`, the complete prompt string instead (template
+    /// already applied, `<image>` tags where the images go).
+    pub prompt: String,
+    pub images: Vec<ImageInput>,
+    pub raw_prompt: bool,
+}
+
+impl Request {
+    pub fn new(question: impl Into<String>) -> Self {
+        Request {
+            prompt: question.into(),
+            images: Vec::new(),
+            raw_prompt: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Timings {
+    pub preprocess_ms: f64,
+    pub vision_ms: f64,
+    pub prefill_ms: f64,
+    pub decode_ms: f64,
+    pub total_ms: f64,
+}
+
+/// A finished generation.
+pub struct Generation {
+    pub output: Output,
+    /// The answer text (cut at EOS, MASK dropped, specials skipped).
+    pub text: String,
+    pub prompt_ids: Vec<i64>,
+    pub image_grids: Vec<Grid>,
+    pub image_tokens: usize,
+    pub timings: Timings,
+}
+
+/// A loaded model and its tokenizer. Read-only after load; share it across threads.
+pub struct Engine {
+    pub model: Model<'static>,
+    tokenizer: Option<Tokenizer>,
+    pub dir: Option<PathBuf>,
+    pub decode_limits: DecodeLimits,
+}
+
+fn io_err(path: &Path, e: std::io::Error) -> Error {
+    Error::Io {
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    }
+}
+
+/// Shard files of a checkpoint directory: the index's shards, or `model.safetensors`.
+fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let bytes = std::fs::read(&index).map_err(|e| io_err(&index, e))?;
+        let v: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Index(format!("{}: invalid JSON: {e}", index.display())))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::Index(format!("{}: no weight_map object", index.display())))?;
+        let mut files: Vec<String> = Vec::new();
+        for (tensor, f) in map {
+            let f = f.as_str().ok_or_else(|| {
+                Error::Index(format!("weight_map entry for {tensor} is not a file name"))
+            })?;
+            if f.contains('/') || f.contains('\\') || f.starts_with('.') {
+                return Err(Error::Index(format!(
+                    "weight_map entry for {tensor} names a file outside the directory: {f}"
+                )));
+            }
+            if !files.iter().any(|x| x == f) {
+                files.push(f.to_string());
+            }
+        }
+        files.sort();
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    Err(Error::Io {
+        path: dir.display().to_string(),
+        detail: "no model.safetensors or model.safetensors.index.json in this directory"
+            .to_string(),
+    })
+}
+
+impl Engine {
+    /// Open a checkpoint directory as published: `config.json`, `model.safetensors` or
+    /// shards + index, `tokenizer.json` (optional for id-only use).
+    pub fn open(dir: &Path) -> Result<Engine> {
+        let cfg_path = dir.join("config.json");
+        let cfg_bytes = std::fs::read(&cfg_path).map_err(|e| io_err(&cfg_path, e))?;
+        let config = Config::from_json(&cfg_bytes).map_err(|e| match e {
+            Error::Config(m) => Error::Config(format!("{}: {m}", cfg_path.display())),
+            other => other,
+        })?;
+        let files = shard_files(dir)?;
+        let mut shards: Vec<(String, ShardBytes<'static>)> = Vec::new();
+        let total: u64 = files
+            .iter()
+            .filter_map(|f| std::fs::metadata(f).ok())
+            .map(|m| m.len())
+            .sum();
+        let show_progress = total > (1 << 30);
+        for (i, f) in files.iter().enumerate() {
+            let file = std::fs::File::open(f).map_err(|e| io_err(f, e))?;
+            if show_progress {
+                eprintln!(
+                    "dvl: mapping shard {}/{} {} ({:.2} GB)",
+                    i + 1,
+                    files.len(),
+                    f.display(),
+                    total as f64 / 1e9
+                );
+            }
+            // SAFETY: the map is read-only; modifying a checkpoint while it is loaded is
+            // outside what any loader can defend against (same contract as safetensors').
+            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io_err(f, e))?;
+            let name = f
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            shards.push((name, Box::new(map)));
+        }
+        let store = WeightStore::new(shards)?;
+        // Every tensor the index names must be in the shard it names.
+        let index = dir.join("model.safetensors.index.json");
+        if index.exists() {
+            let v: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&index).map_err(|e| io_err(&index, e))?)
+                    .map_err(|e| Error::Index(e.to_string()))?;
+            if let Some(map) = v.get("weight_map").and_then(|m| m.as_object()) {
+                for t in map.keys() {
+                    if store.info(t).is_none() {
+                        return Err(Error::Index(format!(
+                            "index lists {t} but no shard contains it"
+                        )));
+                    }
+                }
+            }
+        }
+        let model = Model::new(config, store)?;
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer = if tok_path.exists() {
+            Some(Tokenizer::from_file(&tok_path)?)
+        } else {
+            None
+        };
+        Ok(Engine {
+            model,
+            tokenizer,
+            dir: Some(dir.to_path_buf()),
+            decode_limits: DecodeLimits::default(),
+        })
+    }
+
+    /// Build from caller-owned bytes (no copy). `'static` because the engine may be shared
+    /// freely; FFI callers promise the buffers outlive the model.
+    pub fn from_parts(
+        config_json: &[u8],
+        shards: Vec<(String, ShardBytes<'static>)>,
+        tokenizer_json: Option<&[u8]>,
+    ) -> Result<Engine> {
+        let config = Config::from_json(config_json)?;
+        let model = Model::new(config, WeightStore::new(shards)?)?;
+        let tokenizer = tokenizer_json.map(Tokenizer::from_bytes).transpose()?;
+        Ok(Engine {
+            model,
+            tokenizer,
+            dir: None,
+            decode_limits: DecodeLimits::default(),
+        })
+    }
+
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| {
+            Error::Tokenizer("this model was loaded without tokenizer.json".to_string())
+        })
+    }
+
+    /// Prompt ids with image placeholders for a request (spec §2.2, §2.3).
+    pub fn prompt_ids(&self, req: &Request) -> Result<Vec<i64>> {
+        let text = if req.raw_prompt {
+            req.prompt.clone()
+        } else {
+            prompt::chat_prompt(&req.prompt, req.images.len())
+        };
+        let tok = self.tokenizer()?;
+        prompt::tokenize_with_images(&text, |c| tok.encode(c))
+    }
+
+    /// Preprocess every image of a request into one `pixel_values` matrix and its grids.
+    pub fn preprocess(&self, inputs: &[ImageInput]) -> Result<(Vec<f32>, Vec<Grid>)> {
+        let cfg = &self.model.config;
+        let mut pixels = Vec::new();
+        let mut grids = Vec::new();
+        for (i, inp) in inputs.iter().enumerate() {
+            let ctx = |e: Error| match e {
+                Error::Image(m) => Error::Image(format!("image {}: {m}", i + 1)),
+                other => other,
+            };
+            let decoded;
+            let rgb = match inp {
+                ImageInput::Path(p) => {
+                    decoded = images::load(p, &self.decode_limits)?;
+                    &decoded
+                }
+                ImageInput::Encoded(b) => {
+                    decoded = images::decode(b, &self.decode_limits).map_err(ctx)?;
+                    &decoded
+                }
+                ImageInput::Rgb(img) => img,
+                ImageInput::Pixels { values, grid } => {
+                    pixels.extend_from_slice(values);
+                    grids.push(*grid);
+                    continue;
+                }
+            };
+            let pre = images::preprocess_qwen2vl(rgb, &cfg.vision, cfg.min_pixels, cfg.max_pixels)
+                .map_err(ctx)?;
+            pixels.extend_from_slice(&pre.pixel_values);
+            grids.push(pre.grid);
+        }
+        self.model.vision.check_inputs(&pixels, &grids)?;
+        Ok((pixels, grids))
+    }
+
+    /// Answer a request: preprocess and encode images, assemble, decode.
+    pub fn generate(
+        &self,
+        be: &CpuBackend,
+        req: &Request,
+        params: &GenerateParams,
+        obs: &mut dyn Observer,
+    ) -> Result<Generation> {
+        params.validate()?;
+        let t0 = Instant::now();
+        let prompt_ids = self.prompt_ids(req)?;
+        let (pixels, grids) = self.preprocess(&req.images)?;
+        let t1 = Instant::now();
+        if obs.wants_probes() && !grids.is_empty() {
+            let cols = self.model.config.vision.patch_dim();
+            obs.probe(
+                "pixel_values",
+                &[pixels.len() / cols, cols],
+                ProbeData::F32(&pixels),
+            );
+            let thw: Vec<i64> = grids
+                .iter()
+                .flat_map(|g| [g.t as i64, g.h as i64, g.w as i64])
+                .collect();
+            obs.probe("image_grid_thw", &[grids.len(), 3], ProbeData::I64(&thw));
+        }
+        let feats = if grids.is_empty() {
+            Vec::new()
+        } else {
+            self.model.encode_images(be, &pixels, &grids)?
+        };
+        if obs.wants_probes() && !feats.is_empty() {
+            let all: Vec<f32> = feats.concat();
+            let h = self.model.config.text.hidden_size;
+            obs.probe("vision_features", &[all.len() / h, h], ProbeData::F32(&all));
+        }
+        let t2 = Instant::now();
+        let embeds = self.model.assemble(&prompt_ids, &feats)?;
+        let mut timed = TimedObserver {
+            inner: obs,
+            prefill_done: None,
+        };
+        let output =
+            decoder::generate(&self.model.decode_model(), be, &embeds, params, &mut timed)?;
+        let prefill_done = timed.prefill_done.unwrap_or(t2);
+        let t3 = Instant::now();
+        let text = match &self.tokenizer {
+            Some(t) => t.decode_answer(&output.ids)?,
+            None => String::new(),
+        };
+        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+        let image_tokens = grids.iter().map(|g| self.model.vision.tokens_for(g)).sum();
+        Ok(Generation {
+            output,
+            text,
+            prompt_ids,
+            image_grids: grids,
+            image_tokens,
+            timings: Timings {
+                preprocess_ms: ms(t0, t1),
+                vision_ms: ms(t1, t2),
+                prefill_ms: ms(t2, prefill_done),
+                decode_ms: ms(prefill_done, t3),
+                total_ms: ms(t0, t3),
+            },
+        })
+    }
+}
+
+struct TimedObserver<'o> {
+    inner: &'o mut dyn Observer,
+    prefill_done: Option<Instant>,
+}
+
+impl Observer for TimedObserver<'_> {
+    fn on_commit(&mut self, pos: usize, gen_index: usize, token: u32) {
+        self.inner.on_commit(pos, gen_index, token)
+    }
+    fn on_block_done(&mut self, block: &decoder::BlockTrace, ids: &[u32]) {
+        self.inner.on_block_done(block, ids)
+    }
+    fn on_prefill_done(&mut self) {
+        self.prefill_done = Some(Instant::now());
+        self.inner.on_prefill_done()
+    }
+    fn cancelled(&mut self) -> bool {
+        self.inner.cancelled()
+    }
+    fn wants_probes(&self) -> bool {
+        self.inner.wants_probes()
+    }
+    fn probe(&mut self, name: &str, shape: &[usize], data: ProbeData<'_>) {
+        self.inner.probe(name, shape, data)
+    }
+}

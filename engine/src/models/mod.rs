@@ -1,0 +1,3 @@
+//! Model families, one folder each (config, weights, vision, text).
+
+pub mod qwen2_5_vl;

@@ -1,0 +1,121 @@
+//! DiffusionVL-Qwen2.5VL (3B / 7B): Qwen2.5-VL vision tower + merger, Qwen2.5-VL text
+//! decoder turned block-diffusion decoder.
+
+pub mod text;
+pub mod vision;
+
+use alloc::format;
+use alloc::vec::Vec;
+
+use crate::backend::Backend;
+use crate::config::Config;
+use crate::decoder::DecodeModel;
+use crate::error::{Error, Result};
+use crate::weights::WeightStore;
+use text::TextModel;
+use vision::{Grid, VisionModel};
+
+/// Prompt id standing for "this image's feature rows go here" (spec §2.1, `IMAGE_TOKEN_INDEX`).
+pub const IMAGE_PLACEHOLDER: i64 = -200;
+
+/// A loaded checkpoint: config, weights viewed in place, validated layer structure.
+pub struct Model<'a> {
+    pub config: Config,
+    pub store: WeightStore<'a>,
+    pub text: TextModel,
+    pub vision: VisionModel,
+}
+
+impl<'a> Model<'a> {
+    /// Validate every tensor the config implies (name, shape; dtype at parse) and build the
+    /// model. Errors name the offending tensor.
+    pub fn new(config: Config, store: WeightStore<'a>) -> Result<Self> {
+        let text = TextModel::load(&store, &config.text)?;
+        let vision = VisionModel::load(&store, &config.vision, config.text.hidden_size)?;
+        Ok(Model {
+            config,
+            store,
+            text,
+            vision,
+        })
+    }
+
+    pub fn decode_model(&self) -> DecodeModel<'_, 'a> {
+        DecodeModel {
+            text: &self.text,
+            store: &self.store,
+            block_size: self.config.block_size,
+        }
+    }
+
+    /// Bytes of the language model's weights (what one denoising step streams).
+    pub fn lm_weight_bytes(&self) -> u64 {
+        let lm: Vec<&str> = self
+            .store
+            .names()
+            .filter(|n| n.starts_with("model.layers.") || *n == "model.norm.weight")
+            .collect();
+        // Embedding rows are gathered, not streamed; lm_head (tied or not) is streamed.
+        self.store.bytes_of(lm.into_iter())
+            + self
+                .store
+                .bytes_of(core::iter::once(self.text.lm_head.name.as_str()))
+    }
+
+    /// Encode images from preprocessed `pixel_values` + grids (spec §5.1); one feature
+    /// matrix `[tokens, H]` per image.
+    pub fn encode_images(
+        &self,
+        be: &dyn Backend,
+        pixels: &[f32],
+        grids: &[Grid],
+    ) -> Result<Vec<Vec<f32>>> {
+        let feats = self.vision.forward(be, &self.store, pixels, grids)?;
+        let h = self.config.text.hidden_size;
+        let mut out = Vec::with_capacity(grids.len());
+        let mut off = 0;
+        for g in grids {
+            let n = self.vision.tokens_for(g) * h;
+            out.push(feats[off..off + n].to_vec());
+            off += n;
+        }
+        Ok(out)
+    }
+
+    /// Assemble the prompt embeddings (spec §6): text ids embedded, the k-th placeholder
+    /// replaced by the k-th image's rows; truncated to `max_prompt_rows`.
+    pub fn assemble(&self, prompt_ids: &[i64], images: &[Vec<f32>]) -> Result<Vec<f32>> {
+        let h = self.config.text.hidden_size;
+        let n_ph = prompt_ids
+            .iter()
+            .filter(|&&t| t == IMAGE_PLACEHOLDER)
+            .count();
+        if n_ph != images.len() {
+            return Err(Error::InvalidArgument(format!(
+                "prompt has {n_ph} image placeholders but {} images were given",
+                images.len()
+            )));
+        }
+        let mut out = Vec::new();
+        let mut k = 0;
+        for &t in prompt_ids {
+            if t == IMAGE_PLACEHOLDER {
+                if images[k].len() % h != 0 {
+                    return Err(Error::InvalidArgument(format!(
+                        "image {k} features are not rows of {h}"
+                    )));
+                }
+                out.extend_from_slice(&images[k]);
+                k += 1;
+            } else if t < 0 || t > u32::MAX as i64 {
+                return Err(Error::InvalidArgument(format!(
+                    "prompt id {t} is neither a token nor the image placeholder"
+                )));
+            } else {
+                self.text.embed_into(&self.store, &[t as u32], &mut out)?;
+            }
+        }
+        out.truncate(self.config.max_prompt_rows * h);
+        Ok(out)
+    }
+}

@@ -1,0 +1,345 @@
+//! Qwen2 / Qwen2.5-VL text decoder with block-causal attention (spec §7).
+
+use alloc::format;
+use alloc::vec;
+use alloc::vec::Vec;
+
+use dvl_kernels::attention::AttnShape;
+use dvl_kernels::elementwise::{add_inplace, silu_mul};
+use dvl_kernels::rope::rope_rotate_half;
+
+use crate::backend::Backend;
+use crate::config::TextConfig;
+use crate::error::{Error, Result};
+use crate::weights::{TensorInfo, WeightStore};
+
+/// A linear layer: weight viewed in the checkpoint, bias widened to f32 at load.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub w: TensorInfo,
+    pub b: Option<Vec<f32>>,
+    pub n_out: usize,
+    pub n_in: usize,
+}
+
+impl Linear {
+    pub fn load(
+        store: &WeightStore<'_>,
+        prefix: &str,
+        n_out: usize,
+        n_in: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let w = store
+            .expect(&format!("{prefix}.weight"), &[n_out, n_in])?
+            .clone();
+        let b = if bias {
+            Some(store.f32_vec(&format!("{prefix}.bias"), &[n_out])?)
+        } else {
+            None
+        };
+        Ok(Linear { w, b, n_out, n_in })
+    }
+
+    /// `out[m, n_out] = x[m, n_in] · Wᵀ + b`.
+    pub fn forward(
+        &self,
+        be: &dyn Backend,
+        store: &WeightStore<'_>,
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+    ) {
+        be.matmul(
+            x,
+            m,
+            self.n_in,
+            store.data(&self.w),
+            self.n_out,
+            self.b.as_deref(),
+            out,
+        );
+    }
+}
+
+pub struct TextLayer {
+    pub input_norm: Vec<f32>,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub post_norm: Vec<f32>,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+pub struct TextModel {
+    pub cfg: TextConfig,
+    pub embed: TensorInfo,
+    pub layers: Vec<TextLayer>,
+    pub norm: Vec<f32>,
+    /// `lm_head.weight`, or `model.embed_tokens.weight` when tied (3B; spec §1.3.1).
+    pub lm_head: TensorInfo,
+    /// RoPE inverse frequencies `θ^(−2i/d)`, i < d/2 (spec §7.2).
+    inv_freq: Vec<f64>,
+}
+
+/// Per-layer K/V of committed blocks, plus room for the chunk being run (spec §7.3).
+///
+/// A forward writes its chunk's K/V after the committed rows and attends over both; only
+/// `store_rows` of them become committed (`len` advances). The rest is overwritten by the
+/// next forward: this is the "attend over cache ∪ chunk without modifying the cache" of a
+/// denoising step, without copying the cache.
+pub struct KvCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    kv_dim: usize,
+    capacity: usize,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(cfg: &TextConfig, capacity: usize) -> Self {
+        let kv_dim = cfg.num_kv_heads * cfg.head_dim;
+        KvCache {
+            k: (0..cfg.num_layers)
+                .map(|_| vec![0f32; capacity * kv_dim])
+                .collect(),
+            v: (0..cfg.num_layers)
+                .map(|_| vec![0f32; capacity * kv_dim])
+                .collect(),
+            kv_dim,
+            capacity,
+            len: 0,
+        }
+    }
+
+    /// Committed rows.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+}
+
+impl TextModel {
+    pub fn load(store: &WeightStore<'_>, cfg: &TextConfig) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let kvd = cfg.num_kv_heads * cfg.head_dim;
+        let qd = cfg.num_heads * cfg.head_dim;
+        let i = cfg.intermediate_size;
+        let embed = store
+            .expect("model.embed_tokens.weight", &[cfg.vocab_size, h])?
+            .clone();
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            store
+                .expect("lm_head.weight", &[cfg.vocab_size, h])?
+                .clone()
+        };
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let p = format!("model.layers.{l}");
+            layers.push(TextLayer {
+                input_norm: store.f32_vec(&format!("{p}.input_layernorm.weight"), &[h])?,
+                q: Linear::load(store, &format!("{p}.self_attn.q_proj"), qd, h, true)?,
+                k: Linear::load(store, &format!("{p}.self_attn.k_proj"), kvd, h, true)?,
+                v: Linear::load(store, &format!("{p}.self_attn.v_proj"), kvd, h, true)?,
+                o: Linear::load(store, &format!("{p}.self_attn.o_proj"), h, qd, false)?,
+                post_norm: store.f32_vec(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                gate: Linear::load(store, &format!("{p}.mlp.gate_proj"), i, h, false)?,
+                up: Linear::load(store, &format!("{p}.mlp.up_proj"), i, h, false)?,
+                down: Linear::load(store, &format!("{p}.mlp.down_proj"), h, i, false)?,
+            });
+        }
+        let norm = store.f32_vec("model.norm.weight", &[h])?;
+        let half = cfg.head_dim / 2;
+        let inv_freq = (0..half)
+            .map(|i| libm::pow(cfg.rope_theta, -2.0 * i as f64 / cfg.head_dim as f64))
+            .collect();
+        Ok(TextModel {
+            cfg: cfg.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+        })
+    }
+
+    /// Embedding rows of `ids` appended to `out` (spec §6).
+    pub fn embed_into(
+        &self,
+        store: &WeightStore<'_>,
+        ids: &[u32],
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let h = self.cfg.hidden_size;
+        let table = store.data(&self.embed);
+        for &id in ids {
+            if id as usize >= self.cfg.vocab_size {
+                return Err(Error::InvalidArgument(format!(
+                    "token id {id} is outside the embedding table ({} rows)",
+                    self.cfg.vocab_size
+                )));
+            }
+            let start = out.len();
+            out.resize(start + h, 0.0);
+            table.read_f32(id as usize * h, &mut out[start..]);
+        }
+        Ok(())
+    }
+
+    /// cos/sin tables (`concat(φ, φ)`) for `positions`, angles in f64 (spec §7.2).
+    fn rope_tables(&self, pos0: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
+        let d = self.cfg.head_dim;
+        let half = d / 2;
+        let mut cos = vec![0f32; n * d];
+        let mut sin = vec![0f32; n * d];
+        for t in 0..n {
+            let p = (pos0 + t) as f64;
+            for i in 0..half {
+                let a = p * self.inv_freq[i];
+                let (s, c) = (libm::sin(a) as f32, libm::cos(a) as f32);
+                cos[t * d + i] = c;
+                cos[t * d + half + i] = c;
+                sin[t * d + i] = s;
+                sin[t * d + half + i] = s;
+            }
+        }
+        (cos, sin)
+    }
+
+    /// Run the decoder over `t` rows of `x` (the residual stream, `[t, H]`, updated in place)
+    /// at positions `cache.len() ..`, block-causal with block `block` (spec §7.1, §7.3).
+    /// The first `store_rows` rows' K/V are committed to the cache.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        be: &dyn Backend,
+        store: &WeightStore<'_>,
+        x: &mut [f32],
+        t: usize,
+        cache: &mut KvCache,
+        block: usize,
+        store_rows: usize,
+    ) -> Result<()> {
+        let c = &self.cfg;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let qd = c.num_heads * hd;
+        let kvd = cache.kv_dim;
+        let pos0 = cache.len;
+        if pos0 % block != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "forward must start at a block boundary (cache {pos0}, block {block})"
+            )));
+        }
+        if pos0 + t > cache.capacity {
+            return Err(Error::InvalidArgument(format!(
+                "sequence of {} rows exceeds the KV cache capacity {}",
+                pos0 + t,
+                cache.capacity
+            )));
+        }
+        debug_assert!(store_rows <= t && x.len() == t * h);
+        let (cos, sin) = self.rope_tables(pos0, t);
+        let mut a = vec![0f32; t * h];
+        let mut q = vec![0f32; t * qd];
+        let mut kbuf = vec![0f32; t * kvd];
+        let mut vbuf = vec![0f32; t * kvd];
+        let mut att = vec![0f32; t * qd];
+        let mut proj = vec![0f32; t * h];
+        let mut gate = vec![0f32; t * c.intermediate_size];
+        let mut up = vec![0f32; t * c.intermediate_size];
+        let n_keys = pos0 + t;
+        // Block-causal visibility (spec §0 fact 3): row i (absolute p) sees keys of its own
+        // and earlier blocks, which with block-aligned starts is the prefix [0, end of block).
+        let keys = |i: usize| (0, n_keys.min(((pos0 + i) / block + 1) * block));
+        let shape = AttnShape {
+            n_heads: c.num_heads,
+            n_kv_heads: c.num_kv_heads,
+            head_dim: hd,
+            q_stride: qd,
+            kv_stride: kvd,
+        };
+        let scale = 1.0 / libm::sqrtf(hd as f32);
+        for (l, layer) in self.layers.iter().enumerate() {
+            be.rms_norm(x, &layer.input_norm, c.rms_norm_eps, &mut a);
+            layer.q.forward(be, store, &a, t, &mut q);
+            layer.k.forward(be, store, &a, t, &mut kbuf);
+            layer.v.forward(be, store, &a, t, &mut vbuf);
+            for r in 0..t {
+                let (cr, sr) = (&cos[r * hd..(r + 1) * hd], &sin[r * hd..(r + 1) * hd]);
+                for hh in 0..c.num_heads {
+                    rope_rotate_half(&mut q[r * qd + hh * hd..r * qd + (hh + 1) * hd], cr, sr);
+                }
+                for hh in 0..c.num_kv_heads {
+                    rope_rotate_half(
+                        &mut kbuf[r * kvd + hh * hd..r * kvd + (hh + 1) * hd],
+                        cr,
+                        sr,
+                    );
+                }
+            }
+            cache.k[l][pos0 * kvd..(pos0 + t) * kvd].copy_from_slice(&kbuf);
+            cache.v[l][pos0 * kvd..(pos0 + t) * kvd].copy_from_slice(&vbuf);
+            be.attention(
+                &q,
+                t,
+                &cache.k[l][..n_keys * kvd],
+                &cache.v[l][..n_keys * kvd],
+                &mut att,
+                shape,
+                scale,
+                &keys,
+            );
+            layer.o.forward(be, store, &att, t, &mut proj);
+            add_inplace(x, &proj);
+            be.rms_norm(x, &layer.post_norm, c.rms_norm_eps, &mut a);
+            layer.gate.forward(be, store, &a, t, &mut gate);
+            layer.up.forward(be, store, &a, t, &mut up);
+            silu_mul(&mut gate, &up);
+            layer.down.forward(be, store, &gate, t, &mut proj);
+            add_inplace(x, &proj);
+        }
+        cache.len += store_rows;
+        Ok(())
+    }
+
+    /// Final RMSNorm of `rows` rows of the residual stream.
+    pub fn final_norm(&self, be: &dyn Backend, x: &[f32], out: &mut [f32]) {
+        be.rms_norm(x, &self.norm, self.cfg.rms_norm_eps, out);
+    }
+
+    /// `logits[rows, V] = hN · W_lmᵀ` (no shift: row i scores the token at row i, spec §0).
+    pub fn logits(
+        &self,
+        be: &dyn Backend,
+        store: &WeightStore<'_>,
+        hn: &[f32],
+        rows: usize,
+        out: &mut [f32],
+    ) {
+        be.matmul(
+            hn,
+            rows,
+            self.cfg.hidden_size,
+            store.data(&self.lm_head),
+            self.cfg.vocab_size,
+            None,
+            out,
+        );
+    }
+}

@@ -1,0 +1,44 @@
+//! Runtime CPU feature detection without std (cpuid + XGETBV).
+
+use crate::matmul::Isa;
+
+/// The best instruction set this CPU and OS support for the fast kernels.
+pub fn detect_isa() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if x86::has_avx2_fma() {
+            return Isa::Avx2;
+        }
+    }
+    Isa::Portable
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use core::arch::x86_64::{__cpuid, __cpuid_count, _xgetbv};
+
+    #[target_feature(enable = "xsave")]
+    unsafe fn xcr0() -> u64 {
+        _xgetbv(0)
+    }
+
+    pub fn has_avx2_fma() -> bool {
+        let leaf1 = __cpuid(1);
+        let fma = leaf1.ecx & (1 << 12) != 0;
+        let osxsave = leaf1.ecx & (1 << 27) != 0;
+        let avx = leaf1.ecx & (1 << 28) != 0;
+        if !(fma && osxsave && avx) {
+            return false;
+        }
+        // SAFETY: OSXSAVE is set, so XGETBV is available.
+        let xcr0 = unsafe { xcr0() };
+        // The OS must save XMM (bit 1) and YMM (bit 2) state.
+        if xcr0 & 0b110 != 0b110 {
+            return false;
+        }
+        if __cpuid(0).eax < 7 {
+            return false;
+        }
+        __cpuid_count(7, 0).ebx & (1 << 5) != 0
+    }
+}

@@ -1,0 +1,49 @@
+//! Compute kernels for dvl.
+//!
+//! `#![no_std]` and allocation-free: every kernel works on caller-provided slices, so the
+//! same code runs in an embedded firmware, inside the engine's thread pool, or in a test.
+//!
+//! Each kernel family has a plain *reference* (`reference` module: the textbook loop, one
+//! f32 or f64 accumulator, written to be obviously right) beside the *fast* variant that the
+//! engine calls. Tests compare fast against reference on odd shapes, ggml test-backend-ops
+//! style. Activations are f32; weights are read as stored (bf16, f16 or f32) and widened in
+//! registers, never repacked.
+#![no_std]
+
+pub mod attention;
+pub mod cpu;
+pub mod elementwise;
+pub mod matmul;
+pub mod norm;
+pub mod reference;
+pub mod rope;
+pub mod softmax;
+
+pub use half::{bf16, f16};
+
+/// A weight element type that the kernels can widen to f32.
+pub trait WeightElem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+}
+
+impl WeightElem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl WeightElem for bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        // bf16 is the top half of an f32: widening is a shift, which vectorises.
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+}
+
+impl WeightElem for f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}

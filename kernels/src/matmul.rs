@@ -1,0 +1,187 @@
+//! `out = x · Wᵀ (+ bias)`: f32 activations `x [m, k]` times a weight `W [n, k]` stored as in
+//! the checkpoint (PyTorch Linear layout, row j = output j), widened to f32 on the fly.
+//!
+//! The loops are written so LLVM vectorises them: 8-lane accumulator arrays, four activation
+//! rows per weight row so each widened weight chunk is used four times. `Isa::Avx2` runs the
+//! very same code compiled with AVX2 enabled (runtime-dispatched, see [`crate::cpu`]).
+
+use crate::WeightElem;
+
+const LANES: usize = 8;
+
+/// Which instruction set the fast kernels may use. Chosen once per context.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// Baseline x86-64 (SSE2) or any other architecture: portable code.
+    Portable,
+    /// x86-64 with AVX2 and FMA, verified through cpuid and XGETBV.
+    Avx2,
+}
+
+#[inline(always)]
+fn widen<W: WeightElem>(w: &[W], out: &mut [f32; LANES]) {
+    for l in 0..LANES {
+        out[l] = w[l].to_f32();
+    }
+}
+
+#[inline(always)]
+fn hsum(acc: &[f32; LANES]) -> f32 {
+    // Fixed pairwise order: results do not depend on how work was split.
+    let a = [
+        acc[0] + acc[4],
+        acc[1] + acc[5],
+        acc[2] + acc[6],
+        acc[3] + acc[7],
+    ];
+    (a[0] + a[2]) + (a[1] + a[3])
+}
+
+/// Four dot products of four activation rows against one weight row.
+#[inline(always)]
+fn dot4<W: WeightElem>(x: [&[f32]; 4], w: &[W], k: usize) -> [f32; 4] {
+    let mut acc = [[0f32; LANES]; 4];
+    let mut wl = [0f32; LANES];
+    let chunks = k / LANES;
+    for c in 0..chunks {
+        let o = c * LANES;
+        widen(&w[o..o + LANES], &mut wl);
+        for r in 0..4 {
+            let xr = &x[r][o..o + LANES];
+            for l in 0..LANES {
+                acc[r][l] += xr[l] * wl[l];
+            }
+        }
+    }
+    let mut res = [hsum(&acc[0]), hsum(&acc[1]), hsum(&acc[2]), hsum(&acc[3])];
+    for kk in chunks * LANES..k {
+        let wv = w[kk].to_f32();
+        for r in 0..4 {
+            res[r] += x[r][kk] * wv;
+        }
+    }
+    res
+}
+
+#[inline(always)]
+fn dot1<W: WeightElem>(x: &[f32], w: &[W], k: usize) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut wl = [0f32; LANES];
+    let chunks = k / LANES;
+    for c in 0..chunks {
+        let o = c * LANES;
+        widen(&w[o..o + LANES], &mut wl);
+        let xr = &x[o..o + LANES];
+        for l in 0..LANES {
+            acc[l] += xr[l] * wl[l];
+        }
+    }
+    let mut res = hsum(&acc);
+    for kk in chunks * LANES..k {
+        res += x[kk] * w[kk].to_f32();
+    }
+    res
+}
+
+/// Rows of `x` processed together while one tile of weight rows stays in cache.
+const ROW_TILE: usize = 32;
+
+#[inline(always)]
+fn matmul_body<W: WeightElem>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[W],
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    let mut i0 = 0;
+    while i0 < m {
+        let i1 = (i0 + ROW_TILE).min(m);
+        for j in 0..n {
+            let wr = &w[j * k..j * k + k];
+            let b = bias.map_or(0.0, |b| b[j]);
+            let mut i = i0;
+            while i + 4 <= i1 {
+                let r = dot4(
+                    [
+                        &x[i * k..i * k + k],
+                        &x[(i + 1) * k..(i + 1) * k + k],
+                        &x[(i + 2) * k..(i + 2) * k + k],
+                        &x[(i + 3) * k..(i + 3) * k + k],
+                    ],
+                    wr,
+                    k,
+                );
+                for (r_i, v) in r.iter().enumerate() {
+                    out[(i + r_i) * ldo + j] = v + b;
+                }
+                i += 4;
+            }
+            while i < i1 {
+                out[i * ldo + j] = dot1(&x[i * k..i * k + k], wr, k) + b;
+                i += 1;
+            }
+        }
+        i0 = i1;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul_avx2<W: WeightElem>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[W],
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    matmul_body(x, m, k, w, n, bias, out, ldo)
+}
+
+/// `out[i·ldo + j] = Σ_k x[i·k + kk] · w[j·k + kk] + bias[j]` for `i < m`, `j < n`.
+///
+/// Panics if a slice is shorter than the shape requires (callers validate shapes at load).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul<W: WeightElem>(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[W],
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    assert!(
+        x.len() >= m * k && w.len() >= n * k,
+        "matmul: operand too short"
+    );
+    assert!(
+        m == 0 || out.len() >= (m - 1) * ldo + n,
+        "matmul: output too short"
+    );
+    assert!(ldo >= n, "matmul: ldo < n");
+    if let Some(b) = bias {
+        assert!(b.len() >= n, "matmul: bias too short");
+    }
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Isa::Avx2 is only constructed after cpuid + XGETBV confirmed AVX2 and FMA.
+        Isa::Avx2 => unsafe { matmul_avx2(x, m, k, w, n, bias, out, ldo) },
+        _ => matmul_body(x, m, k, w, n, bias, out, ldo),
+    }
+}
+
+/// Dot product with the same lane order as [`matmul`] (used by attention).
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    dot1(a, b, a.len().min(b.len()))
+}
