@@ -7,7 +7,6 @@
 //! so results do not depend on the thread count.
 
 use alloc::vec;
-use alloc::vec::Vec;
 
 use dvl_kernels::attention::AttnShape;
 use dvl_kernels::matmul::{matmul, Isa};

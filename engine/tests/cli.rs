@@ -1,0 +1,205 @@
+//! `dvl generate` end to end: every golden case through the CLI's --json output, --dump
+//! probe files, and clear errors for bad arguments.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use serde_json::Value;
+
+fn dvl() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_dvl"))
+}
+
+fn case_args(g: &Value) -> Option<Vec<String>> {
+    let i = &g["inputs"];
+    let dir = model_dir(g["model"].as_str()?)?;
+    let mut a = vec![
+        "generate".into(),
+        "--model".into(),
+        dir.display().to_string(),
+        "--prompt".into(),
+        i["question"].as_str()?.into(),
+        "--gen-length".into(),
+        i["gen_length"].to_string(),
+        "--steps".into(),
+        i["steps"].to_string(),
+        "--strategy".into(),
+        i["strategy"].as_str()?.into(),
+        "--json".into(),
+    ];
+    if let Some(t) = i["threshold"].as_f64() {
+        a.extend(["--threshold".into(), t.to_string()]);
+    }
+    for f in i["images"].as_array()? {
+        a.extend([
+            "--image".into(),
+            images_dir().join(f.as_str()?).display().to_string(),
+        ]);
+    }
+    Some(a)
+}
+
+#[test]
+fn every_golden_case_through_cli_json() {
+    let mut failures = Vec::new();
+    for path in golden_cases() {
+        let g: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let Some(args) = case_args(&g) else { continue };
+        let out = dvl().args(&args).output().unwrap();
+        let case = g["case"].as_str().unwrap();
+        if !out.status.success() {
+            failures.push(format!(
+                "{case}: exit {:?}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+            continue;
+        }
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        for key in ["ids", "prompt_rows", "forward_passes", "stopped_at_eos"] {
+            if v[key] != g[key] {
+                failures.push(format!("{case}: {key} differs: {} vs {}", v[key], g[key]));
+            }
+        }
+        assert!(v["text"].is_string() && v["timings"]["total_ms"].as_f64().unwrap() > 0.0);
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn dump_writes_fixture_probes() {
+    let dir = std::env::temp_dir().join(format!("dvl-dump-{}", std::process::id()));
+    let model = model_dir("a").unwrap();
+    let out = dvl()
+        .args([
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "What is two plus two?",
+            "--gen-length",
+            "32",
+        ])
+        .args(["--json", "--dump", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let golden = tiny_root().join("a/golden/a_text_static8.safetensors");
+    for name in [
+        "prefill_last_block_hidden",
+        "first_step_hidden",
+        "first_step_logits_tail",
+        "first_step_logsumexp",
+    ] {
+        let (s1, mine) = read_tensor(&dir.join("dump.safetensors"), name)
+            .unwrap_or_else(|| panic!("{name} not dumped"));
+        let (s2, want) = read_tensor(&golden, name).unwrap();
+        assert_eq!(s1, s2, "{name} shape");
+        assert!(rel_l2(&mine, &want) < 1e-5, "{name}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn plain_mode_streams_text() {
+    let model = model_dir("a").unwrap();
+    let out = dvl()
+        .args([
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "What is two plus two?",
+            "--gen-length",
+            "16",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    // Model a's greedy answer starts with " cat book" (a_text_static8 ids 8251, 2311).
+    assert!(text.starts_with(" cat book"), "{text:?}");
+}
+
+#[test]
+fn bad_arguments_fail_with_a_message() {
+    let model = model_dir("a").unwrap();
+    let m = model.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["generate", "--prompt", "x"], "--model"),
+        (&["generate", "--model", m], "--prompt"),
+        (
+            &[
+                "generate",
+                "--model",
+                m,
+                "--prompt",
+                "x",
+                "--gen-length",
+                "0",
+            ],
+            "gen_length",
+        ),
+        (
+            &[
+                "generate",
+                "--model",
+                m,
+                "--prompt",
+                "x",
+                "--gen-length",
+                "ten",
+            ],
+            "gen-length",
+        ),
+        (
+            &[
+                "generate",
+                "--model",
+                m,
+                "--prompt",
+                "x",
+                "--strategy",
+                "random",
+            ],
+            "strategy",
+        ),
+        (
+            &["generate", "--model", m, "--prompt", "x", "--bogus", "1"],
+            "--bogus",
+        ),
+        (
+            &["generate", "--model", "/nonexistent/dir", "--prompt", "x"],
+            "/nonexistent/dir",
+        ),
+        (
+            &[
+                "generate",
+                "--model",
+                m,
+                "--prompt",
+                "x",
+                "--image",
+                "/nonexistent.png",
+            ],
+            "/nonexistent.png",
+        ),
+        (&["frobnicate"], "unknown command"),
+    ];
+    for (args, needle) in cases {
+        let out = dvl().args(*args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(
+            err.contains(needle),
+            "{args:?}: stderr lacks {needle:?}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    }
+}

@@ -1,0 +1,254 @@
+//! Bad checkpoints give distinct, clear errors naming what was wrong; good ones load from a
+//! directory, from shards + index, and from memory.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use dvl::{Engine, Error};
+use safetensors::tensor::TensorView;
+
+const EMBED: &str = "model.embed_tokens.weight";
+const Q0: &str = "model.layers.0.self_attn.q_proj.weight";
+
+fn tiny() -> PathBuf {
+    model_dir("a").unwrap()
+}
+
+/// A scratch checkpoint directory: tiny model a's config + tokenizer and the given weights.
+fn scratch(name: &str, weights: &[u8]) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("dvl-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::copy(tiny().join("config.json"), d.join("config.json")).unwrap();
+    std::fs::write(d.join("model.safetensors"), weights).unwrap();
+    d
+}
+
+/// Re-serialise model a's weights with `edit` applied to the (name, dtype, shape, bytes) list.
+fn rewrite(
+    edit: impl FnOnce(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>),
+) -> Vec<u8> {
+    let bytes = std::fs::read(tiny().join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut ts: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
+        .collect();
+    edit(&mut ts);
+    let views: Vec<(String, TensorView<'_>)> = ts
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize(views, None).unwrap()
+}
+
+fn open_err(dir: &Path) -> Error {
+    match Engine::open(dir) {
+        Ok(_) => panic!("{} loaded but should not", dir.display()),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn shipped_model_loads_and_ties_lm_head() {
+    let e = Engine::open(&tiny()).unwrap();
+    assert!(e.model.config.text.tie_word_embeddings);
+    assert_eq!(e.model.text.lm_head.name, EMBED);
+}
+
+#[test]
+fn truncated_file_is_reported_as_truncated() {
+    let mut b = std::fs::read(tiny().join("model.safetensors")).unwrap();
+    b.truncate(b.len() - 1000);
+    let e = open_err(&scratch("trunc", &b));
+    assert!(matches!(e, Error::Truncated { .. }), "{e}");
+    assert!(
+        e.to_string().contains("model.safetensors") && e.to_string().contains("truncated"),
+        "{e}"
+    );
+}
+
+#[test]
+fn header_offsets_overrunning_the_file_name_the_tensor() {
+    let mut b = std::fs::read(tiny().join("model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8(b[8..8 + n].to_vec()).unwrap();
+    // Point model.norm.weight past the end of the file by rewriting its end offset.
+    let key = "\"model.norm.weight\":";
+    let at = header.find(key).unwrap();
+    let off = header[at..].find("\"data_offsets\":[").unwrap() + at + "\"data_offsets\":[".len();
+    let close = header[off..].find(']').unwrap() + off;
+    let start: u64 = header[off..close]
+        .split(',')
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let new_offsets = format!("{start},{}", start + 99_999_999);
+    let mut h2 = format!("{}{}{}", &header[..off], new_offsets, &header[close..]);
+    while h2.len() % 8 != 0 {
+        h2.push(' ');
+    }
+    let mut nb = (h2.len() as u64).to_le_bytes().to_vec();
+    nb.extend_from_slice(h2.as_bytes());
+    nb.extend_from_slice(&b.split_off(8 + n));
+    let e = open_err(&scratch("overrun", &nb));
+    match &e {
+        Error::BadOffsets { tensor, .. } => assert_eq!(tensor, "model.norm.weight"),
+        other => panic!("expected BadOffsets, got {other}"),
+    }
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let w = rewrite(|ts| ts.retain(|t| t.0 != Q0));
+    let e = open_err(&scratch("missing", &w));
+    assert_eq!(
+        e,
+        Error::MissingTensor {
+            tensor: Q0.to_string()
+        }
+    );
+    assert!(e.to_string().contains(Q0));
+}
+
+#[test]
+fn wrong_shape_is_named_with_both_shapes() {
+    let w = rewrite(|ts| {
+        let t = ts.iter_mut().find(|t| t.0 == Q0).unwrap();
+        t.2 = vec![32, 128]; // as many elements as 64×64, wrong shape
+    });
+    let e = open_err(&scratch("shape", &w));
+    match &e {
+        Error::WrongShape {
+            tensor,
+            expected,
+            found,
+        } => {
+            assert_eq!(tensor, Q0);
+            assert_eq!(expected, &vec![64, 64]);
+            assert_eq!(found, &vec![32, 128]);
+        }
+        other => panic!("expected WrongShape, got {other}"),
+    }
+}
+
+#[test]
+fn wrong_dtype_is_named() {
+    let w = rewrite(|ts| {
+        let t = ts.iter_mut().find(|t| t.0 == Q0).unwrap();
+        // Same bytes relabelled as int16.
+        t.1 = safetensors::Dtype::I16;
+    });
+    let e = open_err(&scratch("dtype", &w));
+    assert!(
+        matches!(e, Error::WrongDtype { ref tensor, ref found } if tensor == Q0 && found == "I16"),
+        "{e}"
+    );
+}
+
+#[test]
+fn f32_and_f16_checkpoints_load_and_agree() {
+    // The same weights stored as f32 must give the same ids as bf16 (exact upcast).
+    let w = rewrite(|ts| {
+        for t in ts.iter_mut() {
+            let vals: Vec<f32> =
+                t.3.chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect();
+            t.1 = safetensors::Dtype::F32;
+            t.3 = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        }
+    });
+    let d = scratch("f32", &w);
+    std::fs::copy(tiny().join("tokenizer.json"), d.join("tokenizer.json")).unwrap();
+    let e32 = Engine::open(&d).unwrap();
+    let ebf = Engine::open(&tiny()).unwrap();
+    let be = dvl::CpuBackend::single_threaded();
+    let p = dvl::GenerateParams {
+        gen_length: 16,
+        ..Default::default()
+    };
+    let req = dvl::Request::new("Hi");
+    let a = e32
+        .generate(&be, &req, &p, &mut dvl::decoder::NoObserver)
+        .unwrap();
+    let b = ebf
+        .generate(&be, &req, &p, &mut dvl::decoder::NoObserver)
+        .unwrap();
+    assert_eq!(a.output.ids, b.output.ids);
+}
+
+#[test]
+fn unknown_model_type_and_missing_files_are_clear() {
+    let d = scratch(
+        "mt",
+        &std::fs::read(tiny().join("model.safetensors")).unwrap(),
+    );
+    let cfg = std::fs::read_to_string(d.join("config.json"))
+        .unwrap()
+        .replace("diffusionvl_qwenvl", "llava_llama");
+    std::fs::write(d.join("config.json"), cfg).unwrap();
+    let e = open_err(&d);
+    assert!(
+        matches!(e, Error::UnsupportedModel { .. }) && e.to_string().contains("diffusionvl_qwenvl"),
+        "{e}"
+    );
+    let empty = std::env::temp_dir().join(format!("dvl-test-{}-empty", std::process::id()));
+    std::fs::create_dir_all(&empty).unwrap();
+    assert!(open_err(&empty).to_string().contains("config.json"));
+}
+
+#[test]
+fn sharded_index_must_match_shards() {
+    let Some(b) = model_dir("b") else { return };
+    if !b.join("model.safetensors.index.json").exists() {
+        return;
+    }
+    // Loads as published.
+    Engine::open(&b).unwrap();
+    // An index naming a tensor no shard has is an index error.
+    let d = std::env::temp_dir().join(format!("dvl-test-{}-index", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    for f in std::fs::read_dir(&b).unwrap().flatten() {
+        if f.path().is_file() {
+            std::fs::copy(f.path(), d.join(f.file_name())).unwrap();
+        }
+    }
+    let idx = std::fs::read_to_string(d.join("model.safetensors.index.json")).unwrap();
+    let idx = idx.replacen(
+        "\"weight_map\": {",
+        "\"weight_map\": {\"ghost.weight\": \"model-00001-of-00002.safetensors\",",
+        1,
+    );
+    let idx = idx.replacen(
+        "\"weight_map\":{",
+        "\"weight_map\":{\"ghost.weight\":\"model-00001-of-00002.safetensors\",",
+        1,
+    );
+    std::fs::write(d.join("model.safetensors.index.json"), idx).unwrap();
+    let e = open_err(&d);
+    assert!(
+        matches!(e, Error::Index(ref m) if m.contains("ghost.weight")),
+        "{e}"
+    );
+}
+
+#[test]
+fn load_from_memory_matches_directory() {
+    let cfg = std::fs::read(tiny().join("config.json")).unwrap();
+    let w = std::fs::read(tiny().join("model.safetensors")).unwrap();
+    let m = dvl::load_from_bytes(&cfg, &[&w]).unwrap();
+    assert_eq!(m.config.text.hidden_size, 64);
+    // No copy: the embedding table lives inside our buffer.
+    let range = w.as_ptr_range();
+    match m.store.data(&m.text.embed) {
+        dvl::weights::WData::BF16(s) => assert!(range.contains(&(s.as_ptr() as *const u8))),
+        _ => panic!("expected bf16"),
+    }
+}
