@@ -9,7 +9,8 @@
 use alloc::vec;
 
 use dvl_kernels::attention::AttnShape;
-use dvl_kernels::matmul::{matmul, Isa};
+use dvl_kernels::matmul::matmul;
+pub use dvl_kernels::matmul::Isa;
 
 use crate::weights::WData;
 
@@ -61,18 +62,29 @@ pub struct CpuBackend {
 }
 
 impl CpuBackend {
-    /// Single-threaded backend with the best ISA this CPU supports.
+    /// Single-threaded backend with the best ISA this CPU supports (under std, the
+    /// `DVL_ISA` environment variable — `portable`, `avx2`, `avx512` — can lower it).
     pub fn single_threaded() -> Self {
-        CpuBackend {
+        let be = CpuBackend {
             isa: dvl_kernels::cpu::detect_isa(),
             #[cfg(feature = "std")]
             pool: None,
+        };
+        #[cfg(feature = "std")]
+        if let Some(isa) = std::env::var("DVL_ISA").ok().and_then(|v| parse_isa(&v)) {
+            return be.with_isa(isa);
         }
+        be
     }
 
     /// Backend on a private pool of `n_threads` (0 = one per available core).
     #[cfg(feature = "std")]
     pub fn with_threads(n_threads: usize) -> crate::Result<Self> {
+        if n_threads > 1024 {
+            return Err(crate::Error::InvalidArgument(alloc::format!(
+                "n_threads {n_threads} is out of range (0 = all cores, at most 1024)"
+            )));
+        }
         let n = if n_threads == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
@@ -92,9 +104,11 @@ impl CpuBackend {
         Ok(be)
     }
 
-    /// Force the portable kernels (no AVX2), e.g. to compare paths.
-    pub fn force_portable(mut self) -> Self {
-        self.isa = Isa::Portable;
+    /// Use `isa` if this CPU supports it (e.g. force AVX2 or portable code to compare).
+    pub fn with_isa(mut self, isa: Isa) -> Self {
+        if dvl_kernels::cpu::supported_isas().contains(&isa) {
+            self.isa = isa;
+        }
         self
     }
 
@@ -131,6 +145,16 @@ fn matmul_any(
     }
 }
 
+/// `portable`, `avx2` or `avx512`.
+pub fn parse_isa(name: &str) -> Option<Isa> {
+    match name {
+        "portable" => Some(Isa::Portable),
+        "avx2" => Some(Isa::Avx2),
+        "avx512" => Some(Isa::Avx512),
+        _ => None,
+    }
+}
+
 impl Backend for CpuBackend {
     fn matmul(
         &self,
@@ -144,24 +168,36 @@ impl Backend for CpuBackend {
     ) {
         #[cfg(feature = "std")]
         if let Some(pool) = &self.pool {
-            let work = m * n * k;
-            if work >= 1 << 16 && n >= 32 {
-                use rayon::prelude::*;
-                let parts = (pool.current_num_threads() * 4).min(n / 16).max(1);
-                let chunk = n.div_ceil(parts);
-                let isa = self.isa;
+            use rayon::prelude::*;
+            let threads = pool.current_num_threads();
+            let isa = self.isa;
+            if m * n * k >= 1 << 16 && m >= 16 * threads {
+                // Many rows (prefill, vision): split rows; each thread's outputs are contiguous.
+                let per = m.div_ceil(threads * 4).next_multiple_of(4);
+                pool.install(|| {
+                    out[..m * n]
+                        .par_chunks_mut(per * n)
+                        .enumerate()
+                        .for_each(|(c, o)| {
+                            let rows = o.len() / n;
+                            let xs = &x[c * per * k..(c * per + rows) * k];
+                            matmul_any(isa, xs, rows, k, w, 0, n, bias, o, n);
+                        })
+                });
+                return;
+            }
+            if m * n * k >= 1 << 16 && n >= 64 {
+                // Few rows (denoising step): split weight rows so each thread streams its
+                // share of the weights once.
+                let chunk = n.div_ceil(threads * 4).next_multiple_of(4);
                 let pieces: Vec<(usize, Vec<f32>)> = pool.install(|| {
-                    (0..parts)
+                    (0..n.div_ceil(chunk))
                         .into_par_iter()
-                        .filter_map(|p| {
-                            let n0 = p * chunk;
-                            let n1 = ((p + 1) * chunk).min(n);
-                            if n0 >= n1 {
-                                return None;
-                            }
+                        .map(|p| {
+                            let (n0, n1) = (p * chunk, ((p + 1) * chunk).min(n));
                             let mut buf = vec![0f32; m * (n1 - n0)];
                             matmul_any(isa, x, m, k, w, n0, n1, bias, &mut buf, n1 - n0);
-                            Some((n0, buf))
+                            (n0, buf)
                         })
                         .collect()
                 });

@@ -18,7 +18,11 @@ pub mod prompt;
 pub mod weights;
 
 #[cfg(feature = "std")]
+pub mod bench;
+#[cfg(feature = "std")]
 pub mod engine;
+#[cfg(feature = "std")]
+pub mod synth;
 #[cfg(feature = "std")]
 pub mod tokenizer;
 

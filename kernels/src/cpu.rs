@@ -6,11 +6,23 @@ use crate::matmul::Isa;
 pub fn detect_isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
+        if x86::has_avx512() {
+            return Isa::Avx512;
+        }
         if x86::has_avx2_fma() {
             return Isa::Avx2;
         }
     }
     Isa::Portable
+}
+
+/// Every ISA this CPU can run, best last (for tests that compare all of them).
+pub fn supported_isas() -> &'static [Isa] {
+    match detect_isa() {
+        Isa::Avx512 => &[Isa::Portable, Isa::Avx2, Isa::Avx512],
+        Isa::Avx2 => &[Isa::Portable, Isa::Avx2],
+        Isa::Portable => &[Isa::Portable],
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -22,9 +34,27 @@ mod x86 {
         _xgetbv(0)
     }
 
+    pub fn has_avx512() -> bool {
+        if !has_avx2_fma() {
+            return false;
+        }
+        // SAFETY: has_avx2_fma checked OSXSAVE.
+        let xcr0 = unsafe { xcr0() };
+        // Opmask (5), upper ZMM0-15 (6) and ZMM16-31 (7) state must be OS-enabled.
+        if xcr0 & 0b1110_0000 != 0b1110_0000 {
+            return false;
+        }
+        let ebx = __cpuid_count(7, 0).ebx;
+        let f = ebx & (1 << 16) != 0;
+        let bw = ebx & (1 << 30) != 0;
+        let vl = ebx & (1 << 31) != 0;
+        f && bw && vl
+    }
+
     pub fn has_avx2_fma() -> bool {
         let leaf1 = __cpuid(1);
-        let fma = leaf1.ecx & (1 << 12) != 0;
+        let f16c = leaf1.ecx & (1 << 29) != 0;
+        let fma = leaf1.ecx & (1 << 12) != 0 && f16c;
         let osxsave = leaf1.ecx & (1 << 27) != 0;
         let avx = leaf1.ecx & (1 << 28) != 0;
         if !(fma && osxsave && avx) {

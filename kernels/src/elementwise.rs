@@ -5,7 +5,7 @@
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     for (g, &u) in gate.iter_mut().zip(up) {
         let v = *g;
-        *g = v / (1.0 + libm::expf(-v)) * u;
+        *g = v / (1.0 + crate::math::exp_f32(-v)) * u;
     }
 }
 

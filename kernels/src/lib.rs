@@ -13,20 +13,33 @@
 pub mod attention;
 pub mod cpu;
 pub mod elementwise;
+pub mod math;
 pub mod matmul;
 pub mod norm;
 pub mod reference;
 pub mod rope;
 pub mod softmax;
+#[cfg(target_arch = "x86_64")]
+pub mod x86;
 
 pub use half::{bf16, f16};
 
+/// Storage kind of a weight element, for kernels that load several at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WKind {
+    F32,
+    BF16,
+    F16,
+}
+
 /// A weight element type that the kernels can widen to f32.
 pub trait WeightElem: Copy + Send + Sync + 'static {
+    const KIND: WKind;
     fn to_f32(self) -> f32;
 }
 
 impl WeightElem for f32 {
+    const KIND: WKind = WKind::F32;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
@@ -34,6 +47,7 @@ impl WeightElem for f32 {
 }
 
 impl WeightElem for bf16 {
+    const KIND: WKind = WKind::BF16;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         // bf16 is the top half of an f32: widening is a shift, which vectorises.
@@ -42,6 +56,7 @@ impl WeightElem for bf16 {
 }
 
 impl WeightElem for f16 {
+    const KIND: WKind = WKind::F16;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f16::to_f32(self)

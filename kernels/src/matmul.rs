@@ -1,9 +1,10 @@
 //! `out = x · Wᵀ (+ bias)`: f32 activations `x [m, k]` times a weight `W [n, k]` stored as in
 //! the checkpoint (PyTorch Linear layout, row j = output j), widened to f32 on the fly.
 //!
-//! The loops are written so LLVM vectorises them: 8-lane accumulator arrays, four activation
-//! rows per weight row so each widened weight chunk is used four times. `Isa::Avx2` runs the
-//! very same code compiled with AVX2 enabled (runtime-dispatched, see [`crate::cpu`]).
+//! Three implementations behind one entry point, chosen once per context ([`crate::cpu`]):
+//! hand-written AVX-512 and AVX2+FMA microkernels ([`crate::x86`]) and a portable version
+//! written so LLVM vectorises it (8-lane accumulator arrays, four activation rows per
+//! weight row).
 
 use crate::WeightElem;
 
@@ -14,8 +15,10 @@ const LANES: usize = 8;
 pub enum Isa {
     /// Baseline x86-64 (SSE2) or any other architecture: portable code.
     Portable,
-    /// x86-64 with AVX2 and FMA, verified through cpuid and XGETBV.
+    /// x86-64 with AVX2, FMA and F16C, verified through cpuid and XGETBV.
     Avx2,
+    /// x86-64 with AVX-512F/BW/VL (and the AVX2 set), OS-enabled ZMM state.
+    Avx512,
 }
 
 #[inline(always)]
@@ -129,22 +132,6 @@ fn matmul_body<W: WeightElem>(
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn matmul_avx2<W: WeightElem>(
-    x: &[f32],
-    m: usize,
-    k: usize,
-    w: &[W],
-    n: usize,
-    bias: Option<&[f32]>,
-    out: &mut [f32],
-    ldo: usize,
-) {
-    matmul_body(x, m, k, w, n, bias, out, ldo)
-}
-
 /// `out[i·ldo + j] = Σ_k x[i·k + kk] · w[j·k + kk] + bias[j]` for `i < m`, `j < n`.
 ///
 /// Panics if a slice is shorter than the shape requires (callers validate shapes at load).
@@ -173,9 +160,12 @@ pub fn matmul<W: WeightElem>(
         assert!(b.len() >= n, "matmul: bias too short");
     }
     match isa {
+        // SAFETY (both arms): these Isa values come from cpu::detect_isa, which checked the
+        // CPU features and the OS register-state support; shapes were checked above.
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: Isa::Avx2 is only constructed after cpuid + XGETBV confirmed AVX2 and FMA.
-        Isa::Avx2 => unsafe { matmul_avx2(x, m, k, w, n, bias, out, ldo) },
+        Isa::Avx512 => unsafe { crate::x86::matmul_avx512(x, m, k, w, n, bias, out, ldo) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { crate::x86::matmul_avx2(x, m, k, w, n, bias, out, ldo) },
         _ => matmul_body(x, m, k, w, n, bias, out, ldo),
     }
 }

@@ -22,11 +22,7 @@ fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
 }
 
 fn isas() -> Vec<Isa> {
-    let mut v = vec![Isa::Portable];
-    if dvl_kernels::cpu::detect_isa() == Isa::Avx2 {
-        v.push(Isa::Avx2);
-    }
-    v
+    dvl_kernels::cpu::supported_isas().to_vec()
 }
 
 fn max_rel_err(a: &[f32], b: &[f32]) -> f32 {
@@ -216,7 +212,8 @@ fn rms_norm_and_rope_against_closed_forms() {
 
 #[test]
 fn argmax_confidence_is_exact_on_a_long_row() {
-    // One dominant logit and 150k small ones: f64 accumulation keeps the confidence exact.
+    // Two dominant logits and 150k small ones: chunked sums keep the confidence within
+    // rounding (a sequential f32 sum drifts by up to 1e-2 relative; README §6).
     let n = 151_936;
     let mut z = vec![0f32; n];
     z[5] = 12.0;
@@ -224,7 +221,7 @@ fn argmax_confidence_is_exact_on_a_long_row() {
     let (i, c) = dvl_kernels::softmax::argmax_confidence(&z, None);
     assert_eq!(i, 5, "lowest index wins ties");
     let want = (12f64.exp() / (2.0 * 12f64.exp() + (n - 2) as f64)) as f32;
-    assert!((c - want).abs() < 1e-7, "{c} vs {want}");
+    assert!(((c - want) / want).abs() < 2e-6, "{c} vs {want}");
     let (i, _) = dvl_kernels::softmax::argmax_confidence(&z, Some(5));
     assert_eq!(i, 9);
 }

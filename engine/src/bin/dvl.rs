@@ -12,6 +12,9 @@ use dvl::decoder::{BlockTrace, Observer, ProbeData};
 use dvl::{CpuBackend, Engine, GenerateParams, ImageInput, Request, Strategy};
 
 const USAGE: &str = "usage:
+  dvl synth --shape tiny|0.5b|3b|7b --out DIR [--seed N] [--tokenizer tokenizer.json]
+  dvl bench --model DIR [--prefix 288] [--block 8] [--threads N] [--reps 5] [--no-vision]
+            [--isa portable|avx2|avx512] [--json]
   dvl generate --model DIR [--image PATH]... --prompt TEXT [--gen-length 128] [--steps 8]
                [--block-size N] [--strategy static|dynamic] [--threshold 0.85]
                [--temperature 0] [--top-k 0] [--top-p 1] [--seed N] [--threads N]
@@ -26,7 +29,7 @@ struct Args {
     switches: Vec<String>,
 }
 
-const SWITCHES: &[&str] = &["json", "no-fuse-commit", "help"];
+const SWITCHES: &[&str] = &["json", "no-fuse-commit", "help", "no-vision"];
 
 fn parse(args: &[String]) -> Result<Args, String> {
     let mut flags: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -241,6 +244,73 @@ fn generate(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
+fn synth(args: &Args) -> Result<(), String> {
+    args.check_known(&["shape", "out", "seed", "tokenizer"])?;
+    let shape = dvl::synth::shape(args.one("shape").ok_or("--shape is required")?)
+        .map_err(|e| e.to_string())?;
+    let out = PathBuf::from(args.one("out").ok_or("--out DIR is required")?);
+    let tok = args.one("tokenizer").map(PathBuf::from);
+    let bytes =
+        dvl::synth::write_checkpoint(&shape, &out, args.num("seed", 0)?, tok.as_deref(), true)
+            .map_err(|e| e.to_string())?;
+    eprintln!(
+        "dvl synth: {} checkpoint ({:.2} GB of bf16 weights) in {}",
+        shape.name,
+        bytes as f64 / 1e9,
+        out.display()
+    );
+    Ok(())
+}
+
+fn bench(args: &Args) -> Result<(), String> {
+    args.check_known(&["model", "prefix", "block", "threads", "reps", "isa"])?;
+    let model = args.one("model").ok_or("--model DIR is required")?;
+    let engine = Engine::open(&PathBuf::from(model)).map_err(|e| e.to_string())?;
+    let mut be = CpuBackend::with_threads(args.num("threads", 0)?).map_err(|e| e.to_string())?;
+    if let Some(name) = args.one("isa") {
+        let isa = dvl::backend::parse_isa(name)
+            .ok_or_else(|| format!("--isa {name:?}: expected portable, avx2 or avx512"))?;
+        be = be.with_isa(isa);
+        if be.isa() != isa {
+            return Err(format!("--isa {name}: this CPU does not support it"));
+        }
+    }
+    let d = dvl::bench::BenchConfig::default();
+    let cfg = dvl::bench::BenchConfig {
+        prefix: args.num("prefix", d.prefix)?,
+        block: args.num("block", d.block)?,
+        reps: args.num("reps", d.reps)?,
+        vision: !args.has("no-vision"),
+        ..d
+    };
+    let r = dvl::bench::run(&engine.model, &be, &cfg).map_err(|e| e.to_string())?;
+    if args.has("json") {
+        let v = serde_json::json!({
+            "model": model, "threads": r.threads, "isa": r.isa, "prefix": cfg.prefix, "block": cfg.block,
+            "vision_ms": r.vision_ms, "prefill_ms": r.prefill_ms, "step_ms": r.step_ms, "commit_ms": r.commit_ms,
+            "lm_weight_bytes": r.lm_weight_bytes, "read_gbps": r.read_gbps, "roofline_step_ms": r.roofline_step_ms,
+            "step_over_roofline": r.step_ms / r.roofline_step_ms,
+        });
+        println!("{v}");
+    } else {
+        println!("model {model}: {} threads, {}", r.threads, r.isa);
+        if let Some(v) = r.vision_ms {
+            println!("vision ({0}x{0}):   {v:10.2} ms", cfg.image_side);
+        }
+        println!("prefill ({}):      {:10.2} ms", cfg.prefix, r.prefill_ms);
+        println!("denoise step:      {:10.2} ms", r.step_ms);
+        println!("commit step:       {:10.2} ms", r.commit_ms);
+        println!(
+            "roofline step:     {:10.2} ms  ({:.2} GB LM weights / {:.1} GB/s); step = {:.2}x roofline",
+            r.roofline_step_ms,
+            r.lm_weight_bytes as f64 / 1e9,
+            r.read_gbps,
+            r.step_ms / r.roofline_step_ms
+        );
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = argv.first() else {
@@ -260,6 +330,8 @@ fn main() -> ExitCode {
     }
     let r = match cmd.as_str() {
         "generate" => generate(&args),
+        "synth" => synth(&args),
+        "bench" => bench(&args),
         other => Err(format!("unknown command {other:?}\n\n{USAGE}")),
     };
     match r {

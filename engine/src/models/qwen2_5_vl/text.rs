@@ -131,6 +131,11 @@ impl KvCache {
     pub fn clear(&mut self) {
         self.len = 0;
     }
+
+    /// Forget committed rows past `len` (benchmarks re-run the same commit).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
 }
 
 impl TextModel {

@@ -1,0 +1,188 @@
+//! `dvl bench`: medians of the four costs that decide latency (vision for one 448×448 image,
+//! prefill of the prompt prefix, one denoising step, one commit step) next to the step's
+//! DRAM roofline (LM weight bytes ÷ this machine's measured read bandwidth).
+
+use std::time::Instant;
+
+use crate::backend::CpuBackend;
+use crate::decoder::Layout;
+use crate::error::{Error, Result};
+use crate::models::qwen2_5_vl::text::KvCache;
+use crate::models::qwen2_5_vl::vision::Grid;
+use crate::models::qwen2_5_vl::Model;
+
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    /// Prompt rows already in the KV cache when stepping.
+    pub prefix: usize,
+    pub block: usize,
+    pub reps: usize,
+    /// Side of the square test image (448 → 32×32 patches, 256 LLM tokens).
+    pub image_side: usize,
+    pub vision: bool,
+    /// Stop repeating a measurement once it has taken this long (the median of what ran
+    /// is reported).
+    pub max_seconds_per_item: f64,
+}
+
+impl Default for BenchConfig {
+    fn default() -> Self {
+        BenchConfig {
+            prefix: 288,
+            block: 8,
+            reps: 5,
+            image_side: 448,
+            vision: true,
+            max_seconds_per_item: 30.0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct BenchResult {
+    pub vision_ms: Option<f64>,
+    pub prefill_ms: f64,
+    pub step_ms: f64,
+    pub commit_ms: f64,
+    pub lm_weight_bytes: u64,
+    pub read_gbps: f64,
+    pub roofline_step_ms: f64,
+    pub threads: usize,
+    pub isa: String,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Time `f` up to `reps` times (at least once), median in milliseconds.
+fn time_ms(reps: usize, budget_s: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let start = Instant::now();
+    let mut v = Vec::new();
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        f()?;
+        v.push(t.elapsed().as_secs_f64() * 1e3);
+        if start.elapsed().as_secs_f64() > budget_s {
+            break;
+        }
+    }
+    Ok(median(v))
+}
+
+/// Sustained read bandwidth of `threads` threads streaming a buffer larger than any cache.
+pub fn read_bandwidth_gbps(threads: usize) -> f64 {
+    let words = (1usize << 30) / 8;
+    let buf: Vec<u64> = (0..words as u64).collect();
+    let per = words.div_ceil(threads.max(1));
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let sum: u64 = std::thread::scope(|s| {
+            let hs: Vec<_> = buf
+                .chunks(per)
+                .map(|c| {
+                    s.spawn(move || {
+                        // Four independent accumulators keep the loads, not the adds, the limit.
+                        let mut acc = [0u64; 4];
+                        for q in c.chunks_exact(4) {
+                            for i in 0..4 {
+                                acc[i] = acc[i].wrapping_add(q[i]);
+                            }
+                        }
+                        acc.iter().fold(0u64, |a, &b| a.wrapping_add(b))
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().unwrap())
+                .fold(0, u64::wrapping_add)
+        });
+        std::hint::black_box(sum);
+        best = best.max((words * 8) as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
+pub fn run(model: &Model<'_>, be: &CpuBackend, cfg: &BenchConfig) -> Result<BenchResult> {
+    let text = &model.text;
+    let h = text.cfg.hidden_size;
+    let b = cfg.block;
+    let prefix = cfg.prefix / b * b;
+    if prefix == 0 || b == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "prefix {} must hold at least one block of {b}",
+            cfg.prefix
+        )));
+    }
+    let mut res = BenchResult {
+        lm_weight_bytes: model.lm_weight_bytes(),
+        threads: be.threads(),
+        isa: format!("{:?}", be.isa()),
+        ..Default::default()
+    };
+    let store = &model.store;
+
+    if cfg.vision {
+        let patch = model.config.vision.patch_size;
+        let side = cfg.image_side / (patch * 2) * 2;
+        let grid = Grid {
+            t: 1,
+            h: side,
+            w: side,
+        };
+        let n = grid.patches() * model.config.vision.patch_dim();
+        let pixels: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+            .collect();
+        res.vision_ms = Some(time_ms(cfg.reps, cfg.max_seconds_per_item, || {
+            model.encode_images(be, &pixels, &[grid]).map(|_| ())
+        })?);
+    }
+
+    // Embeddings of a synthetic prompt: real token rows, so activations look like real ones.
+    let ids: Vec<u32> = (0..prefix as u32)
+        .map(|i| 1000 + (i * 37) % 50_000)
+        .collect();
+    let mut prompt = Vec::with_capacity(prefix * h);
+    text.embed_into(store, &ids, &mut prompt)?;
+    let lay = Layout::new(prefix, 2 * b, b);
+    let mut cache = KvCache::new(&text.cfg, lay.total + b);
+    res.prefill_ms = time_ms(cfg.reps, cfg.max_seconds_per_item, || {
+        cache.clear();
+        let mut x = prompt.clone();
+        text.forward(be, store, &mut x, prefix, &mut cache, b, prefix)
+    })?;
+
+    // One denoising step: the block's forward without cache writes, final norm, lm_head,
+    // and the unmasking pass over the logits.
+    let mut block_rows = Vec::with_capacity(b * h);
+    text.embed_into(store, &vec![crate::MASK_ID; b], &mut block_rows)?;
+    let vocab = text.cfg.vocab_size;
+    let mut hn = vec![0f32; b * h];
+    let mut logits = vec![0f32; b * vocab];
+    res.step_ms = time_ms(cfg.reps * 2, cfg.max_seconds_per_item, || {
+        let mut x = block_rows.clone();
+        text.forward(be, store, &mut x, b, &mut cache, b, 0)?;
+        text.final_norm(be, &x, &mut hn);
+        text.logits(be, store, &hn, b, &mut logits);
+        for r in 0..b {
+            std::hint::black_box(dvl_kernels::softmax::argmax_confidence(
+                &logits[r * vocab..(r + 1) * vocab],
+                None,
+            ));
+        }
+        Ok(())
+    })?;
+    res.commit_ms = time_ms(cfg.reps * 2, cfg.max_seconds_per_item, || {
+        let mut x = block_rows.clone();
+        text.forward(be, store, &mut x, b, &mut cache, b, b)?;
+        cache.truncate(prefix);
+        Ok(())
+    })?;
+
+    res.read_gbps = read_bandwidth_gbps(be.threads());
+    res.roofline_step_ms = res.lm_weight_bytes as f64 / (res.read_gbps * 1e9) * 1e3;
+    Ok(res)
+}
