@@ -7,6 +7,7 @@
 //! so results do not depend on the thread count.
 
 use alloc::vec;
+use alloc::vec::Vec;
 
 use dvl_kernels::attention::AttnShape;
 use dvl_kernels::matmul::matmul;
@@ -44,6 +45,27 @@ pub trait Backend: Sync {
         scale: f32,
         keys: KeyRange<'_>,
     );
+
+    /// Greedy unmasking fused with the vocabulary projection: for each of `rows` rows of
+    /// `hn [rows, k]`, the arg-max id of `hn · Wᵀ` (`W [n, k]`; lowest id on ties, `never`
+    /// excluded) and its softmax probability over all `n` logits (spec §8.6). Backends may
+    /// split the vocabulary and never materialise whole logit rows.
+    fn logits_argmax(
+        &self,
+        hn: &[f32],
+        rows: usize,
+        k: usize,
+        w: WData<'_>,
+        n: usize,
+        never: Option<usize>,
+    ) -> Vec<(usize, f32)> {
+        let mut logits = vec![0f32; rows * n];
+        self.matmul(hn, rows, k, w, n, None, &mut logits);
+        logits
+            .chunks_exact(n.max(1))
+            .map(|z| dvl_kernels::softmax::argmax_confidence(z, never))
+            .collect()
+    }
 
     /// RMSNorm of each `w.len()`-wide row of `x` into `out`.
     fn rms_norm(&self, x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -212,6 +234,49 @@ impl Backend for CpuBackend {
             }
         }
         matmul_any(self.isa, x, m, k, w, 0, n, bias, out, n);
+    }
+
+    fn logits_argmax(
+        &self,
+        hn: &[f32],
+        rows: usize,
+        k: usize,
+        w: WData<'_>,
+        n: usize,
+        never: Option<usize>,
+    ) -> Vec<(usize, f32)> {
+        use dvl_kernels::softmax::ArgmaxPartial;
+        // Vocabulary slices small enough that their logits stay in L2.
+        const CHUNK: usize = 2048;
+        let isa = self.isa;
+        let slice = |c: usize| -> Vec<ArgmaxPartial> {
+            let (n0, n1) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
+            let mut z = vec![0f32; rows * (n1 - n0)];
+            matmul_any(isa, hn, rows, k, w, n0, n1, None, &mut z, n1 - n0);
+            z.chunks_exact(n1 - n0)
+                .map(|zr| ArgmaxPartial::of(zr, n0, never))
+                .collect()
+        };
+        let n_chunks = n.div_ceil(CHUNK);
+        #[cfg(feature = "std")]
+        let parts: Vec<Vec<ArgmaxPartial>> = match &self.pool {
+            Some(pool) => {
+                use rayon::prelude::*;
+                pool.install(|| (0..n_chunks).into_par_iter().map(slice).collect())
+            }
+            None => (0..n_chunks).map(slice).collect(),
+        };
+        #[cfg(not(feature = "std"))]
+        let parts: Vec<Vec<ArgmaxPartial>> = (0..n_chunks).map(slice).collect();
+        // Merge in vocabulary order: ties resolve to the lowest id as in one pass.
+        (0..rows)
+            .map(|r| {
+                parts
+                    .iter()
+                    .fold(ArgmaxPartial::EMPTY, |acc, p| acc.merge(p[r]))
+                    .finish()
+            })
+            .collect()
     }
 
     fn attention(

@@ -159,20 +159,12 @@ pub fn run(model: &Model<'_>, be: &CpuBackend, cfg: &BenchConfig) -> Result<Benc
     // and the unmasking pass over the logits.
     let mut block_rows = Vec::with_capacity(b * h);
     text.embed_into(store, &vec![crate::MASK_ID; b], &mut block_rows)?;
-    let vocab = text.cfg.vocab_size;
     let mut hn = vec![0f32; b * h];
-    let mut logits = vec![0f32; b * vocab];
     res.step_ms = time_ms(cfg.reps * 2, cfg.max_seconds_per_item, || {
         let mut x = block_rows.clone();
         text.forward(be, store, &mut x, b, &mut cache, b, 0)?;
         text.final_norm(be, &x, &mut hn);
-        text.logits(be, store, &hn, b, &mut logits);
-        for r in 0..b {
-            std::hint::black_box(dvl_kernels::softmax::argmax_confidence(
-                &logits[r * vocab..(r + 1) * vocab],
-                None,
-            ));
-        }
+        std::hint::black_box(text.greedy_tokens(be, store, &hn, b));
         Ok(())
     })?;
     res.commit_ms = time_ms(cfg.reps * 2, cfg.max_seconds_per_item, || {

@@ -448,7 +448,7 @@ pub fn generate(
         e
     };
 
-    let mut logits = vec![0f32; block * vocab];
+    let mut logits = Vec::new();
     let mut hn = vec![0f32; block * h];
     // Hidden states of the next block's first denoising pass, computed by a fused commit.
     let mut pending: Option<Vec<f32>> = None;
@@ -481,18 +481,34 @@ pub fn generate(
             };
             out.forward_passes += 1;
             text.final_norm(be, &x, &mut hn);
-            text.logits(be, m.store, &hn, block, &mut logits);
-            if first_decoded && obs.wants_probes() {
-                emit_logit_probes(obs, &hn, &logits, block, h, vocab);
-            }
+            let probes = first_decoded && obs.wants_probes();
             first_decoded = false;
             let mut conf = vec![None; block];
             let mut x0 = vec![0u32; block];
-            for i in 0..block {
-                if is_mask[i] {
-                    let (t, c) = sample(&logits[i * vocab..(i + 1) * vocab], params, &mut rng);
-                    x0[i] = t;
-                    conf[i] = Some(c);
+            if params.temperature == 0.0 && !probes {
+                // Greedy: the fused projection + unmasking pass (spec §8.6).
+                for (i, (t, c)) in text
+                    .greedy_tokens(be, m.store, &hn, block)
+                    .into_iter()
+                    .enumerate()
+                {
+                    if is_mask[i] {
+                        x0[i] = t as u32;
+                        conf[i] = Some(c);
+                    }
+                }
+            } else {
+                logits.resize(block * vocab, 0.0);
+                text.logits(be, m.store, &hn, block, &mut logits);
+                if probes {
+                    emit_logit_probes(obs, &hn, &logits, block, h, vocab);
+                }
+                for i in 0..block {
+                    if is_mask[i] {
+                        let (t, c) = sample(&logits[i * vocab..(i + 1) * vocab], params, &mut rng);
+                        x0[i] = t;
+                        conf[i] = Some(c);
+                    }
                 }
             }
             // Past the schedule (only when steps > B leaves zero entries, or a commit was

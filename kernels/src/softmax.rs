@@ -30,36 +30,7 @@ pub fn argmax_confidence(logits: &[f32], never: Option<usize>) -> (usize, f32) {
     if logits.is_empty() {
         return (0, 0.0);
     }
-    let m = max_of(logits);
-    // Best value among the allowed ids, then its first (lowest) index.
-    let bv = match never {
-        Some(nv) if nv < logits.len() => max_of(&logits[..nv]).max(max_of(&logits[nv + 1..])),
-        _ => m,
-    };
-    let best = logits
-        .iter()
-        .enumerate()
-        .position(|(i, &v)| v == bv && Some(i) != never)
-        .unwrap_or(0);
-    // Σ exp(z − m): 8-lane f32 partial sums over chunks of 256, chunks added in f64.
-    let mut total = 0f64;
-    for chunk in logits.chunks(256) {
-        let mut lanes = [0f32; 8];
-        let mut it = chunk.chunks_exact(8);
-        for c in &mut it {
-            for l in 0..8 {
-                lanes[l] += exp_f32(c[l] - m);
-            }
-        }
-        let mut s = 0f32;
-        for &v in it.remainder() {
-            s += exp_f32(v - m);
-        }
-        total += ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) as f64
-            + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7])) as f64
-            + s as f64;
-    }
-    (best, (exp_f32(bv - m) as f64 / total) as f32)
+    ArgmaxPartial::of(logits, 0, never).finish()
 }
 
 /// Maximum of a slice (−inf when empty), in 8 lanes so it vectorises.
@@ -77,4 +48,99 @@ pub fn max_of(x: &[f32]) -> f32 {
         m = m.max(v);
     }
     m
+}
+
+/// Running state of the unmasking reduction over one slice of a logits row, so the
+/// vocabulary can be split across threads without materialising whole rows.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ArgmaxPartial {
+    /// Largest logit seen (all ids).
+    pub max: f32,
+    /// Largest logit among allowed ids and its (lowest) id.
+    pub best: f32,
+    pub best_id: usize,
+    /// Σ exp(z − max) over the slice.
+    pub sum: f64,
+}
+
+impl ArgmaxPartial {
+    pub const EMPTY: ArgmaxPartial = ArgmaxPartial {
+        max: f32::NEG_INFINITY,
+        best: f32::NEG_INFINITY,
+        best_id: usize::MAX,
+        sum: 0.0,
+    };
+
+    /// Reduce logits `z` whose first element is id `offset`.
+    pub fn of(z: &[f32], offset: usize, never: Option<usize>) -> ArgmaxPartial {
+        if z.is_empty() {
+            return Self::EMPTY;
+        }
+        let local_never = never
+            .and_then(|n| n.checked_sub(offset))
+            .filter(|&n| n < z.len());
+        let m = max_of(z);
+        let bv = match local_never {
+            Some(nv) => max_of(&z[..nv]).max(max_of(&z[nv + 1..])),
+            None => m,
+        };
+        let best = z
+            .iter()
+            .enumerate()
+            .position(|(i, &v)| v == bv && Some(i) != local_never);
+        let mut sum = 0f64;
+        for chunk in z.chunks(256) {
+            let mut lanes = [0f32; 8];
+            let mut it = chunk.chunks_exact(8);
+            for c in &mut it {
+                for l in 0..8 {
+                    lanes[l] += exp_f32(c[l] - m);
+                }
+            }
+            let mut s = 0f32;
+            for &v in it.remainder() {
+                s += exp_f32(v - m);
+            }
+            sum += ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) as f64
+                + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7])) as f64
+                + s as f64;
+        }
+        ArgmaxPartial {
+            max: m,
+            best: bv,
+            best_id: best.map_or(usize::MAX, |b| b + offset),
+            sum,
+        }
+    }
+
+    /// Combine with the partial of a slice of *higher* ids (ties keep the lower id).
+    pub fn merge(self, later: ArgmaxPartial) -> ArgmaxPartial {
+        let max = self.max.max(later.max);
+        let scale = |p: &ArgmaxPartial| {
+            if p.sum == 0.0 {
+                0.0
+            } else {
+                p.sum * libm::exp((p.max - max) as f64)
+            }
+        };
+        let (best, best_id) = if later.best > self.best || self.best_id == usize::MAX {
+            (later.best, later.best_id)
+        } else {
+            (self.best, self.best_id)
+        };
+        ArgmaxPartial {
+            max,
+            best,
+            best_id,
+            sum: scale(&self) + scale(&later),
+        }
+    }
+
+    /// (token, softmax probability of the token).
+    pub fn finish(self) -> (usize, f32) {
+        (
+            self.best_id,
+            (exp_f32(self.best - self.max) as f64 / self.sum) as f32,
+        )
+    }
 }

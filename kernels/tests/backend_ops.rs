@@ -239,3 +239,30 @@ fn activations_match_closed_forms() {
     dvl_kernels::elementwise::gelu_tanh(&mut t);
     assert!((t[0] - 0.841_192).abs() < 1e-5);
 }
+
+#[test]
+fn split_unmasking_equals_one_pass() {
+    use dvl_kernels::softmax::ArgmaxPartial;
+    let z: Vec<f32> = rand_vec(10_007, 77).iter().map(|v| v * 9.0).collect();
+    for never in [None, Some(3), Some(10_006)] {
+        let whole = dvl_kernels::softmax::argmax_confidence(&z, never);
+        for chunk in [1usize, 100, 4096, 10_007] {
+            let mut acc = ArgmaxPartial::EMPTY;
+            for (i, c) in z.chunks(chunk).enumerate() {
+                acc = acc.merge(ArgmaxPartial::of(c, i * chunk, never));
+            }
+            let (t, p) = acc.finish();
+            assert_eq!(t, whole.0, "chunk {chunk}");
+            assert!(
+                ((p - whole.1) / whole.1).abs() < 1e-5,
+                "chunk {chunk}: {p} vs {}",
+                whole.1
+            );
+        }
+    }
+    // The excluded id is never chosen even when it is the maximum.
+    let mut z2 = vec![0f32; 50];
+    z2[7] = 5.0;
+    z2[8] = 4.0;
+    assert_eq!(dvl_kernels::softmax::argmax_confidence(&z2, Some(7)).0, 8);
+}

@@ -328,6 +328,25 @@ impl TextModel {
         be.rms_norm(x, &self.norm, self.cfg.rms_norm_eps, out);
     }
 
+    /// Greedy unmasking of `rows` final-norm rows: (arg-max id, its probability) per row,
+    /// MASK never chosen (spec §8.6, §8.11), without materialising the logits.
+    pub fn greedy_tokens(
+        &self,
+        be: &dyn Backend,
+        store: &WeightStore<'_>,
+        hn: &[f32],
+        rows: usize,
+    ) -> Vec<(usize, f32)> {
+        be.logits_argmax(
+            hn,
+            rows,
+            self.cfg.hidden_size,
+            store.data(&self.lm_head),
+            self.cfg.vocab_size,
+            Some(crate::MASK_ID as usize),
+        )
+    }
+
     /// `logits[rows, V] = hN · W_lmᵀ` (no shift: row i scores the token at row i, spec §0).
     pub fn logits(
         &self,
