@@ -223,6 +223,71 @@ pub fn config_json(s: &Shape) -> serde_json::Value {
     cfg
 }
 
+/// One safetensors file: header, then each tensor's bf16 values generated on the fly.
+fn write_shard(
+    w: &mut impl Write,
+    header: &serde_json::Map<String, serde_json::Value>,
+    shard: &[&TensorSpec],
+    rng: &mut u64,
+) -> std::io::Result<()> {
+    let mut h = serde_json::to_string(header).unwrap();
+    while h.len() % 8 != 0 {
+        h.push(' ');
+    }
+    w.write_all(&(h.len() as u64).to_le_bytes())?;
+    w.write_all(h.as_bytes())?;
+    let mut buf = Vec::with_capacity(1 << 20);
+    for t in shard {
+        let mut left: usize = t.shape.iter().product();
+        while left > 0 {
+            let chunk = left.min(1 << 19);
+            buf.clear();
+            for _ in 0..chunk {
+                let v = match t.init {
+                    Init::Ones => 1.0f32,
+                    Init::Random(std) => {
+                        // xorshift64*: uniform in [-√3σ, √3σ) has standard deviation σ.
+                        *rng ^= *rng >> 12;
+                        *rng ^= *rng << 25;
+                        *rng ^= *rng >> 27;
+                        let u = (rng.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32
+                            / (1u64 << 24) as f32;
+                        (u * 2.0 - 1.0) * std * 1.732_050_8
+                    }
+                };
+                buf.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes());
+            }
+            w.write_all(&buf)?;
+            left -= chunk;
+        }
+    }
+    Ok(())
+}
+
+/// Header entries for tensors laid out back to back; returns the data size.
+fn header_of(tensors: &[&TensorSpec]) -> (serde_json::Map<String, serde_json::Value>, u64) {
+    let mut header = serde_json::Map::new();
+    let mut off = 0u64;
+    for t in tensors {
+        let bytes = t.shape.iter().product::<usize>() as u64 * 2;
+        header.insert(t.name.clone(), serde_json::json!({"dtype": "BF16", "shape": t.shape, "data_offsets": [off, off + bytes]}));
+        off += bytes;
+    }
+    (header, off)
+}
+
+/// A random-weight checkpoint in memory: (`config.json` bytes, one safetensors file).
+/// For benchmarks and tests that should not touch the disk.
+pub fn in_memory(s: &Shape, seed: u64) -> (Vec<u8>, Vec<u8>) {
+    let specs = tensors(s);
+    let refs: Vec<&TensorSpec> = specs.iter().collect();
+    let (header, size) = header_of(&refs);
+    let mut bytes = Vec::with_capacity(size as usize + 4096);
+    let mut rng = seed ^ 0x5DEE_CE66_D1CE_F00D;
+    write_shard(&mut bytes, &header, &refs, &mut rng).expect("writing to memory cannot fail");
+    (serde_json::to_vec_pretty(&config_json(s)).unwrap(), bytes)
+}
+
 /// Shard limit, as the release packaging (5 GiB).
 const SHARD_BYTES: u64 = 5 << 30;
 
@@ -272,51 +337,16 @@ pub fn write_checkpoint(
         } else {
             format!("model-{:05}-of-{n:05}.safetensors", si + 1)
         };
-        let mut header = serde_json::Map::new();
-        let mut off = 0u64;
+        let (header, off) = header_of(shard);
         for t in shard {
-            let bytes = t.shape.iter().product::<usize>() as u64 * 2;
-            header.insert(t.name.clone(), serde_json::json!({"dtype": "BF16", "shape": t.shape, "data_offsets": [off, off + bytes]}));
-            off += bytes;
             weight_map.insert(t.name.clone(), fname.clone().into());
-        }
-        let mut h = serde_json::to_string(&header).unwrap();
-        while (h.len() + 8) % 8 != 0 {
-            h.push(' ');
         }
         let path = out.join(&fname);
         let f = std::fs::File::create(&path).map_err(|e| io(&path, e))?;
         let mut w = BufWriter::with_capacity(1 << 20, f);
-        w.write_all(&(h.len() as u64).to_le_bytes())
+        write_shard(&mut w, &header, shard, &mut rng)
+            .and_then(|_| w.flush())
             .map_err(|e| io(&path, e))?;
-        w.write_all(h.as_bytes()).map_err(|e| io(&path, e))?;
-        let mut buf = Vec::with_capacity(1 << 20);
-        for t in shard {
-            let numel: usize = t.shape.iter().product();
-            let mut left = numel;
-            while left > 0 {
-                let chunk = left.min(1 << 19);
-                buf.clear();
-                for _ in 0..chunk {
-                    let v = match t.init {
-                        Init::Ones => 1.0f32,
-                        Init::Random(std) => {
-                            // xorshift64*: uniform in [-√3σ, √3σ) has standard deviation σ.
-                            rng ^= rng >> 12;
-                            rng ^= rng << 25;
-                            rng ^= rng >> 27;
-                            let u = (rng.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32
-                                / (1u64 << 24) as f32;
-                            (u * 2.0 - 1.0) * std * 1.732_050_8
-                        }
-                    };
-                    buf.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes());
-                }
-                w.write_all(&buf).map_err(|e| io(&path, e))?;
-                left -= chunk;
-            }
-        }
-        w.flush().map_err(|e| io(&path, e))?;
         total += off;
         if progress {
             eprintln!(
