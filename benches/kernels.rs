@@ -60,6 +60,15 @@ fn large(c: &mut Criterion) {
                 |b, &isa| b.iter(|| matmul(isa, &x, m, k, &w, n, None, &mut out, n)),
             );
         }
+        #[cfg(target_arch = "x86_64")]
+        if dvl_kernels::amx::available() {
+            g.bench_function(BenchmarkId::new("amx_bf16", format!("{m}x{k}x{n}")), |b| {
+                // SAFETY: available() checked CPU, OS and permission; shapes match.
+                b.iter(|| unsafe {
+                    dvl_kernels::amx::matmul_amx_bf16(&x, m, k, &w, n, None, &mut out, n)
+                })
+            });
+        }
     }
     g.finish();
 }

@@ -95,6 +95,7 @@ def build(cls, config, dtype: torch.dtype):
     values); the rotary inv_freq buffers are still computed by the modules' __init__."""
     with no_init_weights():
         model = cls._from_config(config, dtype=dtype)
+    model.tie_weights()  # normally done by the skipped init_weights; no-op when untied
     return model.eval()
 
 
@@ -106,12 +107,14 @@ def fill_random(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> Non
     keeps matrix rows from repeating exactly."""
     pool_len = 1_000_003
     gen = torch.Generator().manual_seed(seed)
+    pool = torch.randn(pool_len, generator=gen) * std
+    pools = {}  # one copy of the pool per parameter dtype
     for p in model.parameters():  # tied parameters are yielded once
-        pool = (torch.randn(pool_len, generator=gen) * std).to(p.dtype)
+        src = pools.setdefault(p.dtype, pool.to(p.dtype))
         flat = p.view(-1)
-        for i in range(0, flat.numel(), pool_len):
-            n = min(pool_len, flat.numel() - i)
-            flat[i : i + n].copy_(pool[:n])
+        rows, tail = divmod(flat.numel(), pool_len)
+        flat[: rows * pool_len].view(rows, pool_len).copy_(src.expand(rows, pool_len))
+        flat[rows * pool_len :].copy_(src[:tail])
     for m in model.modules():
         if "RMSNorm" in type(m).__name__:
             m.weight.fill_(1.0)
@@ -129,7 +132,6 @@ def load_tiny_checkpoint(path: Path, dtype: torch.dtype) -> Qwen2ForCausalLM:
     missing, unexpected = model.load_state_dict(text, strict=False)
     if unexpected or missing != ["lm_head.weight"]:
         raise RuntimeError(f"checkpoint mismatch: missing={missing} unexpected={unexpected}")
-    model.tie_weights()
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     return model.to(dtype)
 

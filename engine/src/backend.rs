@@ -79,23 +79,35 @@ pub trait Backend: Sync {
 /// The CPU backend.
 pub struct CpuBackend {
     isa: Isa,
+    /// Use AMX tiles (activations rounded to bf16) for bf16 matmuls of many rows.
+    amx: bool,
     #[cfg(feature = "std")]
     pool: Option<rayon::ThreadPool>,
 }
 
 impl CpuBackend {
-    /// Single-threaded backend with the best ISA this CPU supports (under std, the
-    /// `DVL_ISA` environment variable — `portable`, `avx2`, `avx512` — can lower it).
+    /// Single-threaded backend with the best ISA this CPU supports. Under std the
+    /// environment can override: `DVL_ISA` (`portable`, `avx2`, `avx512`) lowers the ISA,
+    /// `DVL_AMX=1` turns on [`CpuBackend::with_amx`].
     pub fn single_threaded() -> Self {
         let be = CpuBackend {
             isa: dvl_kernels::cpu::detect_isa(),
+            amx: false,
             #[cfg(feature = "std")]
             pool: None,
         };
         #[cfg(feature = "std")]
-        if let Some(isa) = std::env::var("DVL_ISA").ok().and_then(|v| parse_isa(&v)) {
-            return be.with_isa(isa);
+        {
+            let mut be = be;
+            if let Some(isa) = std::env::var("DVL_ISA").ok().and_then(|v| parse_isa(&v)) {
+                be = be.with_isa(isa);
+            }
+            if std::env::var("DVL_AMX").is_ok_and(|v| v == "1") {
+                be = be.with_amx(true);
+            }
+            be
         }
+        #[cfg(not(feature = "std"))]
         be
     }
 
@@ -134,6 +146,27 @@ impl CpuBackend {
         self
     }
 
+    /// Run bf16 matmuls of at least [`AMX_MIN_ROWS`] rows (prefill, vision) on AMX tiles
+    /// when the CPU and OS allow it. Their activations are rounded to bf16 (f32
+    /// accumulation), which moves hidden states by ~1e-3 relative: the fixtures' "bf16
+    /// matmul inputs" numerics, under which every golden trace is unchanged. Returns
+    /// whether AMX is now in use.
+    pub fn with_amx(mut self, on: bool) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            self.amx = on && self.isa == Isa::Avx512 && dvl_kernels::amx::available();
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = on;
+        }
+        self
+    }
+
+    pub fn amx(&self) -> bool {
+        self.amx
+    }
+
     pub fn isa(&self) -> Isa {
         self.isa
     }
@@ -147,8 +180,15 @@ impl CpuBackend {
     }
 }
 
+/// Matmuls of at least this many rows may use AMX.
+pub const AMX_MIN_ROWS: usize = 32;
+
+/// Columns `n0..n1` of `x · Wᵀ`, with the kernel chosen for the whole call (`amx` is decided
+/// on the call's total rows, so thread splits never change which kernel a row gets).
+#[allow(clippy::too_many_arguments)]
 fn matmul_any(
     isa: Isa,
+    amx: bool,
     x: &[f32],
     m: usize,
     k: usize,
@@ -161,6 +201,11 @@ fn matmul_any(
 ) {
     let b = bias.map(|b| &b[n0..n1]);
     match w {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `amx` is only set after amx::available(); shapes are checked by callers.
+        WData::BF16(s) if amx => unsafe {
+            dvl_kernels::amx::matmul_amx_bf16(x, m, k, &s[n0 * k..n1 * k], n1 - n0, b, out, ldo)
+        },
         WData::BF16(s) => matmul(isa, x, m, k, &s[n0 * k..n1 * k], n1 - n0, b, out, ldo),
         WData::F16(s) => matmul(isa, x, m, k, &s[n0 * k..n1 * k], n1 - n0, b, out, ldo),
         WData::F32(s) => matmul(isa, x, m, k, &s[n0 * k..n1 * k], n1 - n0, b, out, ldo),
@@ -193,6 +238,7 @@ impl Backend for CpuBackend {
             use rayon::prelude::*;
             let threads = pool.current_num_threads();
             let isa = self.isa;
+            let amx = self.amx && m >= AMX_MIN_ROWS;
             if m * n * k >= 1 << 16 && m >= 16 * threads {
                 // Many rows (prefill, vision): split rows; each thread's outputs are contiguous.
                 let per = m.div_ceil(threads * 4).next_multiple_of(4);
@@ -203,7 +249,7 @@ impl Backend for CpuBackend {
                         .for_each(|(c, o)| {
                             let rows = o.len() / n;
                             let xs = &x[c * per * k..(c * per + rows) * k];
-                            matmul_any(isa, xs, rows, k, w, 0, n, bias, o, n);
+                            matmul_any(isa, amx, xs, rows, k, w, 0, n, bias, o, n);
                         })
                 });
                 return;
@@ -218,7 +264,7 @@ impl Backend for CpuBackend {
                         .map(|p| {
                             let (n0, n1) = (p * chunk, ((p + 1) * chunk).min(n));
                             let mut buf = vec![0f32; m * (n1 - n0)];
-                            matmul_any(isa, x, m, k, w, n0, n1, bias, &mut buf, n1 - n0);
+                            matmul_any(isa, amx, x, m, k, w, n0, n1, bias, &mut buf, n1 - n0);
                             (n0, buf)
                         })
                         .collect()
@@ -233,7 +279,19 @@ impl Backend for CpuBackend {
                 return;
             }
         }
-        matmul_any(self.isa, x, m, k, w, 0, n, bias, out, n);
+        matmul_any(
+            self.isa,
+            self.amx && m >= AMX_MIN_ROWS,
+            x,
+            m,
+            k,
+            w,
+            0,
+            n,
+            bias,
+            out,
+            n,
+        );
     }
 
     fn logits_argmax(
@@ -252,7 +310,7 @@ impl Backend for CpuBackend {
         let slice = |c: usize| -> Vec<ArgmaxPartial> {
             let (n0, n1) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
             let mut z = vec![0f32; rows * (n1 - n0)];
-            matmul_any(isa, hn, rows, k, w, n0, n1, None, &mut z, n1 - n0);
+            matmul_any(isa, false, hn, rows, k, w, n0, n1, None, &mut z, n1 - n0);
             z.chunks_exact(n1 - n0)
                 .map(|zr| ArgmaxPartial::of(zr, n0, never))
                 .collect()

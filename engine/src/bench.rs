@@ -119,7 +119,11 @@ pub fn run(model: &Model<'_>, be: &CpuBackend, cfg: &BenchConfig) -> Result<Benc
     let mut res = BenchResult {
         lm_weight_bytes: model.lm_weight_bytes(),
         threads: be.threads(),
-        isa: format!("{:?}", be.isa()),
+        isa: if be.amx() {
+            format!("{:?}+AMX", be.isa())
+        } else {
+            format!("{:?}", be.isa())
+        },
         ..Default::default()
     };
     let store = &model.store;

@@ -84,6 +84,7 @@ fn check_case(
     path: &Path,
     engines: &mut BTreeMap<String, Engine>,
     from_pixels: bool,
+    amx: bool,
 ) -> Vec<String> {
     let g: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
     let case = g["case"].as_str().unwrap().to_string();
@@ -96,7 +97,25 @@ fn check_case(
     let engine = engines
         .entry(model.clone())
         .or_insert_with(|| Engine::open(&dir).unwrap());
-    let be = CpuBackend::with_threads(2).unwrap();
+    let be = CpuBackend::with_threads(2).unwrap().with_amx(amx);
+    // Probe tolerance: fp32 engine 1e-5; with AMX (bf16-rounded matmul inputs) the
+    // fixture README's bf16 bound, 1.5e-2. A JPEG decoded here differs from PIL's
+    // libjpeg-turbo by up to 4 levels on ~11% of bytes (different IDCT and chroma
+    // upsampling rounding; preprocessing from the same RGB is exact), which moves vision
+    // features by ~1e-2: those cases get the README's 3% bug-separating bound.
+    let jpeg = !from_pixels
+        && g["inputs"]["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f.as_str().unwrap().to_ascii_lowercase().ends_with(".jpg"));
+    let tol = if jpeg {
+        3e-2
+    } else if amx {
+        1.5e-2
+    } else {
+        1e-5
+    };
     let Some(req) = request_of(&g, from_pixels) else {
         eprintln!("skip {case}: pixel files not available");
         return errs;
@@ -131,8 +150,9 @@ fn check_case(
         };
         let o = &out.output;
         let tag = format!(
-            "{case} (fuse_commit {fuse}{})",
-            if from_pixels { ", fixture pixels" } else { "" }
+            "{case} (fuse_commit {fuse}{}{})",
+            if from_pixels { ", fixture pixels" } else { "" },
+            if amx { ", amx" } else { "" }
         );
         let got: Vec<u64> = o.ids.iter().map(|&x| x as u64).collect();
         if got != want_ids {
@@ -220,7 +240,7 @@ fn check_case(
                     let pos = c["pos"].as_u64().unwrap() as usize;
                     if let Some(mine) = os.committed.iter().find(|m| m.pos == pos) {
                         let d = (mine.conf as f64 - c["conf"].as_f64().unwrap()).abs();
-                        if d > 5e-4 {
+                        if d > if amx || jpeg { 3e-2 } else { 5e-4 } {
                             errs.push(format!("{tag}: conf at {pos} off by {d:.2e}"));
                         }
                     }
@@ -249,7 +269,7 @@ fn check_case(
                     }
                     let e = rel_l2(have, &want);
                     eprintln!("{tag}: {name} rel L2 {e:.1e}");
-                    if e > 1e-5 {
+                    if e > tol {
                         errs.push(format!("{tag}: {name} rel L2 error {e:.2e}"));
                     }
                 }
@@ -267,7 +287,7 @@ fn check_case(
                     errs.push(format!("{tag}: top-4 logit ids of row {r} differ"));
                 }
                 let e = rel_l2(&my_vals[r * 64..r * 64 + 4], &vals[r * 64..r * 64 + 4]);
-                if e > 1e-5 {
+                if e > tol.max(1e-5) {
                     errs.push(format!("{tag}: top logits of row {r} rel error {e:.2e}"));
                 }
             }
@@ -282,12 +302,12 @@ fn check_case(
     errs
 }
 
-fn run_all(from_pixels: bool) {
+fn run_all(from_pixels: bool, amx: bool) {
     let mut engines = BTreeMap::new();
     let mut errs = Vec::new();
     let cases = golden_cases();
     for c in &cases {
-        errs.extend(check_case(c, &mut engines, from_pixels));
+        errs.extend(check_case(c, &mut engines, from_pixels, amx));
     }
     assert!(
         errs.is_empty(),
@@ -301,11 +321,22 @@ fn run_all(from_pixels: bool) {
 /// The whole pipeline from image files.
 #[test]
 fn every_golden_case_matches_from_image_files() {
-    run_all(false)
+    run_all(false, false)
 }
 
 /// Vision tower, assembly and decoding from the fixtures' own `pixel_values`.
 #[test]
 fn every_golden_case_matches_from_fixture_pixels() {
-    run_all(true)
+    run_all(true, false)
+}
+
+/// With AMX tiles (bf16-rounded matmul inputs) for prefill and vision: the same traces, probes
+/// within the bf16 tolerance. Skipped where the CPU or OS has no AMX.
+#[test]
+fn every_golden_case_matches_with_amx() {
+    if !CpuBackend::single_threaded().with_amx(true).amx() {
+        eprintln!("AMX not available: skipped");
+        return;
+    }
+    run_all(true, true)
 }

@@ -26,11 +26,16 @@ pub fn supported_isas() -> &'static [Isa] {
 }
 
 #[cfg(target_arch = "x86_64")]
+pub(crate) use x86::xcr0;
+
+#[cfg(target_arch = "x86_64")]
 mod x86 {
     use core::arch::x86_64::{__cpuid, __cpuid_count, _xgetbv};
 
+    /// # Safety
+    /// The CPU must support XGETBV (cpuid OSXSAVE).
     #[target_feature(enable = "xsave")]
-    unsafe fn xcr0() -> u64 {
+    pub unsafe fn xcr0() -> u64 {
         _xgetbv(0)
     }
 

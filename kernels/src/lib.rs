@@ -1,7 +1,8 @@
 //! Compute kernels for dvl.
 //!
-//! `#![no_std]` and allocation-free: every kernel works on caller-provided slices, so the
-//! same code runs in an embedded firmware, inside the engine's thread pool, or in a test.
+//! `#![no_std]`: kernels work on caller-provided slices (only the AMX path allocates its
+//! packing buffers, through `alloc`), so the same code runs in an embedded firmware, inside
+//! the engine's thread pool, or in a test.
 //!
 //! Each kernel family has a plain *reference* (`reference` module: the textbook loop, one
 //! f32 or f64 accumulator, written to be obviously right) beside the *fast* variant that the
@@ -10,6 +11,10 @@
 //! registers, never repacked.
 #![no_std]
 
+extern crate alloc;
+
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
 pub mod attention;
 pub mod cpu;
 pub mod elementwise;

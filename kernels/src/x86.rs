@@ -90,36 +90,43 @@ unsafe fn tile512<W: WeightElem, const MR: usize, const NR: usize>(
 macro_rules! dispatch_tiles {
     ($tile:ident, $W:ty, $mr_max:expr, $nr_max:expr, $x:expr, $m:expr, $k:expr, $w:expr, $n:expr, $bias:expr, $out:expr, $ldo:expr) => {{
         let (x, m, k, w, n, bias, out, ldo) = ($x, $m, $k, $w, $n, $bias, $out, $ldo);
-        let mut j0 = 0;
-        while j0 < n {
-            let nr = ($nr_max).min(n - j0);
-            let wp = w.add(j0 * k);
-            let mut i0 = 0;
-            while i0 < m {
-                let mr = ($mr_max).min(m - i0);
-                let xp = x.add(i0 * k);
-                let op = out.add(i0 * ldo + j0);
-                match (mr, nr) {
-                    (4, 4) => $tile::<$W, 4, 4>(xp, k, wp, bias, op, ldo, j0),
-                    (4, 3) => $tile::<$W, 4, 3>(xp, k, wp, bias, op, ldo, j0),
-                    (4, 2) => $tile::<$W, 4, 2>(xp, k, wp, bias, op, ldo, j0),
-                    (4, 1) => $tile::<$W, 4, 1>(xp, k, wp, bias, op, ldo, j0),
-                    (3, 4) => $tile::<$W, 3, 4>(xp, k, wp, bias, op, ldo, j0),
-                    (3, 3) => $tile::<$W, 3, 3>(xp, k, wp, bias, op, ldo, j0),
-                    (3, 2) => $tile::<$W, 3, 2>(xp, k, wp, bias, op, ldo, j0),
-                    (3, 1) => $tile::<$W, 3, 1>(xp, k, wp, bias, op, ldo, j0),
-                    (2, 4) => $tile::<$W, 2, 4>(xp, k, wp, bias, op, ldo, j0),
-                    (2, 3) => $tile::<$W, 2, 3>(xp, k, wp, bias, op, ldo, j0),
-                    (2, 2) => $tile::<$W, 2, 2>(xp, k, wp, bias, op, ldo, j0),
-                    (2, 1) => $tile::<$W, 2, 1>(xp, k, wp, bias, op, ldo, j0),
-                    (1, 4) => $tile::<$W, 1, 4>(xp, k, wp, bias, op, ldo, j0),
-                    (1, 3) => $tile::<$W, 1, 3>(xp, k, wp, bias, op, ldo, j0),
-                    (1, 2) => $tile::<$W, 1, 2>(xp, k, wp, bias, op, ldo, j0),
-                    _ => $tile::<$W, 1, 1>(xp, k, wp, bias, op, ldo, j0),
+        // Rows in chunks that stay in L2 while every weight tile streams past them.
+        let m_chunk = (512 * 1024 / (k * 4).max(1)).clamp($mr_max, 256) / $mr_max * $mr_max;
+        let mut c0 = 0;
+        while c0 < m {
+            let c1 = (c0 + m_chunk).min(m);
+            let mut j0 = 0;
+            while j0 < n {
+                let nr = ($nr_max).min(n - j0);
+                let wp = w.add(j0 * k);
+                let mut i0 = c0;
+                while i0 < c1 {
+                    let mr = ($mr_max).min(c1 - i0);
+                    let xp = x.add(i0 * k);
+                    let op = out.add(i0 * ldo + j0);
+                    match (mr, nr) {
+                        (4, 4) => $tile::<$W, 4, 4>(xp, k, wp, bias, op, ldo, j0),
+                        (4, 3) => $tile::<$W, 4, 3>(xp, k, wp, bias, op, ldo, j0),
+                        (4, 2) => $tile::<$W, 4, 2>(xp, k, wp, bias, op, ldo, j0),
+                        (4, 1) => $tile::<$W, 4, 1>(xp, k, wp, bias, op, ldo, j0),
+                        (3, 4) => $tile::<$W, 3, 4>(xp, k, wp, bias, op, ldo, j0),
+                        (3, 3) => $tile::<$W, 3, 3>(xp, k, wp, bias, op, ldo, j0),
+                        (3, 2) => $tile::<$W, 3, 2>(xp, k, wp, bias, op, ldo, j0),
+                        (3, 1) => $tile::<$W, 3, 1>(xp, k, wp, bias, op, ldo, j0),
+                        (2, 4) => $tile::<$W, 2, 4>(xp, k, wp, bias, op, ldo, j0),
+                        (2, 3) => $tile::<$W, 2, 3>(xp, k, wp, bias, op, ldo, j0),
+                        (2, 2) => $tile::<$W, 2, 2>(xp, k, wp, bias, op, ldo, j0),
+                        (2, 1) => $tile::<$W, 2, 1>(xp, k, wp, bias, op, ldo, j0),
+                        (1, 4) => $tile::<$W, 1, 4>(xp, k, wp, bias, op, ldo, j0),
+                        (1, 3) => $tile::<$W, 1, 3>(xp, k, wp, bias, op, ldo, j0),
+                        (1, 2) => $tile::<$W, 1, 2>(xp, k, wp, bias, op, ldo, j0),
+                        _ => $tile::<$W, 1, 1>(xp, k, wp, bias, op, ldo, j0),
+                    }
+                    i0 += mr;
                 }
-                i0 += mr;
+                j0 += nr;
             }
-            j0 += nr;
+            c0 = c1;
         }
     }};
 }

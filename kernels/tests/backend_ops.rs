@@ -266,3 +266,50 @@ fn split_unmasking_equals_one_pass() {
     z2[8] = 4.0;
     assert_eq!(dvl_kernels::softmax::argmax_confidence(&z2, Some(7)).0, 8);
 }
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn amx_matches_reference_on_bf16_rounded_activations() {
+    if !dvl_kernels::amx::available() {
+        eprintln!("AMX not available here: skipped");
+        return;
+    }
+    let round = |v: f32| bf16::from_f32(v).to_f32();
+    for &(m, k, n) in &[
+        (1, 32, 16),
+        (16, 64, 32),
+        (17, 40, 33),
+        (70, 1176, 45),
+        (300, 96, 20),
+        (33, 3420, 17),
+    ] {
+        let x = rand_vec(m * k, 91 + k as u64);
+        let w: Vec<bf16> = rand_vec(n * k, 92 + n as u64)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect();
+        let bias = rand_vec(n, 93);
+        let xr: Vec<f32> = x.iter().map(|&v| round(v)).collect();
+        let mut want = vec![0f32; m * n];
+        reference::matmul(&xr, m, k, &w, n, Some(&bias), &mut want);
+        let mut got = vec![f32::NAN; m * n];
+        unsafe { dvl_kernels::amx::matmul_amx_bf16(&x, m, k, &w, n, Some(&bias), &mut got, n) };
+        let e = max_rel_err(&got, &want);
+        assert!(e < 1e-5, "m={m} k={k} n={n}: max rel err {e}");
+        // Rows do not depend on how many rows are computed together.
+        let mut one = vec![0f32; n];
+        unsafe {
+            dvl_kernels::amx::matmul_amx_bf16(
+                &x[(m - 1) * k..],
+                1,
+                k,
+                &w,
+                n,
+                Some(&bias),
+                &mut one,
+                n,
+            )
+        };
+        assert_eq!(&one[..], &got[(m - 1) * n..]);
+    }
+}
