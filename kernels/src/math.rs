@@ -3,7 +3,7 @@
 
 const LOG2E: f32 = core::f32::consts::LOG2_E;
 /// ln 2 split in two so `n·ln2` is exact in the first part (Cody–Waite reduction).
-const LN2_HI: f32 = 0.693_359_4;
+const LN2_HI: f32 = 0.693_359_4; // 0.693359375 = 355/512, exact in f32
 const LN2_LO: f32 = -2.121_944_4e-4;
 /// 1.5·2²³: adding and subtracting it rounds to the nearest integer in f32.
 const ROUND: f32 = 12_582_912.0;
@@ -20,7 +20,7 @@ pub fn exp_f32(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
     let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
     let v = e * scale;

@@ -90,6 +90,7 @@ fn dot1<W: WeightElem>(x: &[f32], w: &[W], k: usize) -> f32 {
 const ROW_TILE: usize = 32;
 
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn matmul_body<W: WeightElem>(
     x: &[f32],
     m: usize,

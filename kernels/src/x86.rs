@@ -8,7 +8,7 @@
 //! is reduced once at the end, so a row's result never depends on the tile it landed in:
 //! results are identical whatever the thread split or the number of rows in a call.
 
-#![allow(clippy::too_many_arguments)]
+#![allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 
 use core::arch::x86_64::*;
 
