@@ -353,9 +353,11 @@ impl Backend for CpuBackend {
             .map(|(lo, hi)| hi - lo)
             .max()
             .unwrap_or(0);
+        let isa = self.isa;
         let run = |i0: usize, q_rows: &[f32], out_rows: &mut [f32], rows: usize| {
             let mut scores = vec![0f32; max_keys];
             dvl_kernels::attention::attention(
+                isa,
                 q_rows,
                 rows,
                 k,

@@ -5,7 +5,7 @@
 //! attention (a query sees its own segment `[s0, s1)`, spec §5.1(f)). GQA: query head `h`
 //! reads kv head `h / (n_heads / n_kv_heads)`.
 
-use crate::matmul::dot;
+use crate::matmul::{dot, Isa};
 use crate::softmax::softmax_inplace;
 
 #[derive(Clone, Copy, Debug)]
@@ -20,9 +20,12 @@ pub struct AttnShape {
 
 /// Attention for query rows `q_rows` (each `q_stride` long, heads contiguous), writing the
 /// same rows of `out`. `key_range(i)` gives the visible keys of query `i` (index into the
-/// rows of `k`/`v`). `scores` is scratch of at least the longest range.
+/// rows of `k`/`v`). `scores` is scratch of at least the longest range. `isa` selects the
+/// instruction set the (auto-vectorised) loops are compiled for; results are identical in
+/// structure, rounding may differ between ISAs.
 #[allow(clippy::too_many_arguments)]
 pub fn attention<F: Fn(usize) -> (usize, usize)>(
+    isa: Isa,
     q: &[f32],
     n_q: usize,
     k: &[f32],
@@ -31,6 +34,64 @@ pub fn attention<F: Fn(usize) -> (usize, usize)>(
     s: AttnShape,
     scale: f32,
     key_range: F,
+    scores: &mut [f32],
+) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Isa values come from cpu::detect_isa, which checked CPU and OS support.
+        Isa::Avx512 => unsafe { attention_avx512(q, n_q, k, v, out, s, scale, &key_range, scores) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { attention_avx2(q, n_q, k, v, out, s, scale, &key_range, scores) },
+        _ => attention_body(q, n_q, k, v, out, s, scale, &key_range, scores),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attention_avx512(
+    q: &[f32],
+    n_q: usize,
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    s: AttnShape,
+    scale: f32,
+    key_range: &dyn Fn(usize) -> (usize, usize),
+    scores: &mut [f32],
+) {
+    attention_body(q, n_q, k, v, out, s, scale, key_range, scores)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attention_avx2(
+    q: &[f32],
+    n_q: usize,
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    s: AttnShape,
+    scale: f32,
+    key_range: &dyn Fn(usize) -> (usize, usize),
+    scores: &mut [f32],
+) {
+    attention_body(q, n_q, k, v, out, s, scale, key_range, scores)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attention_body(
+    q: &[f32],
+    n_q: usize,
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    s: AttnShape,
+    scale: f32,
+    key_range: &dyn Fn(usize) -> (usize, usize),
     scores: &mut [f32],
 ) {
     let group = s.n_heads / s.n_kv_heads;
@@ -53,8 +114,8 @@ pub fn attention<F: Fn(usize) -> (usize, usize)>(
             for (jj, &p) in sc.iter().enumerate() {
                 let j = lo + jj;
                 let vr = &v[j * s.kv_stride + kvh * hd..j * s.kv_stride + (kvh + 1) * hd];
-                for d in 0..hd {
-                    o[d] += p * vr[d];
+                for (od, &vd) in o.iter_mut().zip(vr) {
+                    *od += p * vd;
                 }
             }
         }

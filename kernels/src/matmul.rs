@@ -172,7 +172,7 @@ pub fn matmul<W: WeightElem>(
 }
 
 /// Dot product with the same lane order as [`matmul`] (used by attention).
-#[inline]
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot1(a, b, a.len().min(b.len()))
 }

@@ -128,34 +128,27 @@ fn attention_matches_masked_reference() {
         kv_stride: nkv * hd,
     };
     let scale = 1.0 / (hd as f32).sqrt();
-    let mut got = vec![0f32; t * nh * hd];
-    let mut scratch = vec![0f32; n_k];
-    attention(
-        &q,
-        t,
-        &k,
-        &v,
-        &mut got,
-        shape,
-        scale,
-        |i| (0, n_k.min(((cache + i) / block + 1) * block)),
-        &mut scratch,
-    );
     let mut want = vec![0f32; t * nh * hd];
-    reference::attention(
-        &q,
-        t,
-        &k,
-        &v,
-        n_k,
-        nh,
-        nkv,
-        hd,
-        scale,
-        |i, j| j / block <= (cache + i) / block,
-        &mut want,
-    );
-    assert!(max_rel_err(&got, &want) < 1e-5);
+    let visible = |i: usize, j: usize| j / block <= (cache + i) / block;
+    reference::attention(&q, t, &k, &v, n_k, nh, nkv, hd, scale, visible, &mut want);
+    for isa in isas() {
+        let mut got = vec![0f32; t * nh * hd];
+        let mut scratch = vec![0f32; n_k];
+        let keys = |i: usize| (0, n_k.min(((cache + i) / block + 1) * block));
+        attention(
+            isa,
+            &q,
+            t,
+            &k,
+            &v,
+            &mut got,
+            shape,
+            scale,
+            keys,
+            &mut scratch,
+        );
+        assert!(max_rel_err(&got, &want) < 1e-5, "{isa:?}");
+    }
 }
 
 #[test]
@@ -172,9 +165,6 @@ fn attention_segments_match_reference() {
         q_stride: nh * hd,
         kv_stride: nh * hd,
     };
-    let mut got = vec![0f32; s * nh * hd];
-    let mut scratch = vec![0f32; s];
-    attention(&q, s, &k, &v, &mut got, shape, 0.3, seg, &mut scratch);
     let mut want = vec![0f32; s * nh * hd];
     reference::attention(
         &q,
@@ -189,7 +179,12 @@ fn attention_segments_match_reference() {
         |i, j| seg(i) == seg(j),
         &mut want,
     );
-    assert!(max_rel_err(&got, &want) < 1e-5);
+    for isa in isas() {
+        let mut got = vec![0f32; s * nh * hd];
+        let mut scratch = vec![0f32; s];
+        attention(isa, &q, s, &k, &v, &mut got, shape, 0.3, seg, &mut scratch);
+        assert!(max_rel_err(&got, &want) < 1e-5, "{isa:?}");
+    }
 }
 
 #[test]
