@@ -453,6 +453,7 @@ pub fn generate(
     // Hidden states of the next block's first denoising pass, computed by a fused commit.
     let mut pending: Option<Vec<f32>> = None;
     let mut first_decoded = true;
+    let mut commit_passes = 0usize;
     for blk in lay.prefill_blocks..lay.nblocks {
         let s0 = blk * block;
         let s1 = s0 + block;
@@ -566,7 +567,15 @@ pub fn generate(
             out.forward_calls += 1;
         }
         out.forward_passes += 1;
+        commit_passes += 1;
+        // Invariants (spec §14 item 7): the cache holds exactly the blocks committed so far,
+        // and every finished block was committed exactly once.
         debug_assert_eq!(cache.len(), s1, "cache length after committing block {blk}");
+        debug_assert_eq!(
+            commit_passes,
+            blk + 1 - lay.prefill_blocks,
+            "one commit pass per finished block"
+        );
         for (g, slot) in out.ids.iter_mut().enumerate() {
             *slot = ids[p_rows + g];
         }

@@ -138,6 +138,13 @@ impl KvCache {
     }
 }
 
+/// Keys visible to the query at absolute position `pos` (spec §7.3, §8.2): `mask[i][j] = 0`
+/// iff `j / B <= i / B`. With keys at positions `0..n_keys` that is the prefix up to the end
+/// of the query's block.
+pub fn block_causal_keys(pos: usize, n_keys: usize, block: usize) -> (usize, usize) {
+    (0, n_keys.min((pos / block + 1) * block))
+}
+
 impl TextModel {
     pub fn load(store: &WeightStore<'_>, cfg: &TextConfig) -> Result<Self> {
         let h = cfg.hidden_size;
@@ -269,9 +276,7 @@ impl TextModel {
         let mut gate = vec![0f32; t * c.intermediate_size];
         let mut up = vec![0f32; t * c.intermediate_size];
         let n_keys = pos0 + t;
-        // Block-causal visibility (spec §0 fact 3): row i (absolute p) sees keys of its own
-        // and earlier blocks, which with block-aligned starts is the prefix [0, end of block).
-        let keys = |i: usize| (0, n_keys.min(((pos0 + i) / block + 1) * block));
+        let keys = |i: usize| block_causal_keys(pos0 + i, n_keys, block);
         let shape = AttnShape {
             n_heads: c.num_heads,
             n_kv_heads: c.num_kv_heads,
@@ -365,5 +370,28 @@ impl TextModel {
             None,
             out,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::block_causal_keys;
+
+    #[test]
+    fn block_causal_ranges_equal_the_spec_mask() {
+        // spec §8.2: mask_full[i][j] = 0 iff floor(i/B) >= floor(j/B).
+        for block in [1, 3, 8] {
+            for n_keys in [1, 7, 8, 9, 24, 30] {
+                for pos in 0..n_keys {
+                    let (lo, hi) = block_causal_keys(pos, n_keys, block);
+                    for j in 0..n_keys {
+                        let visible = pos / block >= j / block;
+                        assert_eq!(visible, (lo..hi).contains(&j), "B={block} pos={pos} j={j}");
+                    }
+                }
+            }
+        }
+        // Bidirectional inside a block: the first row of a block sees the whole block.
+        assert_eq!(block_causal_keys(16, 40, 8), (0, 24));
     }
 }
