@@ -15,7 +15,7 @@
 #![allow(clippy::too_many_arguments)]
 
 use core::arch::asm;
-use core::arch::x86_64::__cpuid_count;
+use core::arch::x86_64::*;
 use core::sync::atomic::{AtomicU8, Ordering};
 
 use crate::bf16;
@@ -99,8 +99,11 @@ fn to_bf16_bits(v: f32) -> u16 {
     ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
 }
 
-/// Rows of activations per L2-resident chunk.
-const M_CHUNK: usize = 256;
+/// Rows of packed activations kept L2-resident while the weights stream past: about
+/// 1.5 MiB of bf16, in whole pairs of 16-row blocks. Larger chunks mean fewer passes over W.
+fn m_chunk(kp: usize) -> usize {
+    ((3 << 19) / (kp * 2)).clamp(64, 1024) / 32 * 32
+}
 
 macro_rules! tile_load {
     ($t:literal, $p:expr, $stride:expr) => {
@@ -181,11 +184,12 @@ pub unsafe fn matmul_amx_bf16(
         }
     };
 
-    let mut packed = alloc_zeroed(M_CHUNK.div_ceil(16) * kb * 512);
+    let chunk = m_chunk(kp);
+    let mut packed = alloc_zeroed(chunk.min(m).div_ceil(16) * kb * 512);
     let mut c = [[0f32; 256]; 4];
     let mut m0 = 0;
     while m0 < m {
-        let mc = M_CHUNK.min(m - m0);
+        let mc = chunk.min(m - m0);
         let mblocks = mc.div_ceil(16);
         // Pack rows m0..m0+mc as VNNI tiles: block (mb, q) holds, at u16 index r·32 + i·2 + e,
         // x[m0 + 16·mb + i][32·q + 2r + e] (zero past m or k).
@@ -232,23 +236,29 @@ pub unsafe fn matmul_amx_bf16(
                 tile_store!("2", c[2].as_mut_ptr(), 64usize);
                 tile_store!("3", c[3].as_mut_ptr(), 64usize);
                 // C tile t: rows = 16 weight rows (outputs j), columns = 16 activation rows.
+                // Transpose on the way out: one 16-lane gather per activation row, then the
+                // bias and a (masked) contiguous store of 16 outputs.
                 for (t, (db, dm)) in [(0, 0), (0, 1), (1, 0), (1, 1)].into_iter().enumerate() {
                     if (db == 1 && !two_n) || (dm == 1 && !two_m) {
                         continue;
                     }
-                    for jr in 0..16 {
-                        let j = (b + db) * 16 + jr;
-                        if j >= n {
-                            break;
-                        }
-                        let bj = bias.map_or(0.0, |bb| bb[j]);
-                        for ir in 0..16 {
-                            let i = (mb + dm) * 16 + ir;
-                            if i >= mc {
-                                break;
-                            }
-                            out[(m0 + i) * ldo + j] = c[t][jr * 16 + ir] + bj;
-                        }
+                    let j0 = (b + db) * 16;
+                    let nvalid = (n - j0).min(16);
+                    let jmask: u16 = if nvalid == 16 {
+                        0xffff
+                    } else {
+                        ((1u32 << nvalid) - 1) as u16
+                    };
+                    let bias_v = match bias {
+                        Some(bb) => _mm512_maskz_loadu_ps(jmask, bb.as_ptr().add(j0)),
+                        None => _mm512_setzero_ps(),
+                    };
+                    let i_base = (mb + dm) * 16;
+                    let mvalid = mc.saturating_sub(i_base).min(16);
+                    for ir in 0..mvalid {
+                        let col = _mm512_i32gather_ps::<4>(column_index(ir), c[t].as_ptr());
+                        let dst = out.as_mut_ptr().add((m0 + i_base + ir) * ldo + j0);
+                        _mm512_mask_storeu_ps(dst, jmask, _mm512_add_ps(col, bias_v));
                     }
                 }
                 mb += if two_m { 2 } else { 1 };
@@ -258,6 +268,17 @@ pub unsafe fn matmul_amx_bf16(
         m0 += mc;
     }
     asm!("tilerelease", options(nostack, nomem));
+}
+
+/// Lane l reads element [l][ir] of a 16×16 row-major f32 tile.
+#[inline(always)]
+unsafe fn column_index(ir: usize) -> __m512i {
+    _mm512_add_epi32(
+        _mm512_setr_epi32(
+            0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240,
+        ),
+        _mm512_set1_epi32(ir as i32),
+    )
 }
 
 fn bytemuck_u16(w: &[bf16]) -> &[u16] {
