@@ -312,7 +312,7 @@ impl Backend for CpuBackend {
             let mut z = vec![0f32; rows * (n1 - n0)];
             matmul_any(isa, false, hn, rows, k, w, n0, n1, None, &mut z, n1 - n0);
             z.chunks_exact(n1 - n0)
-                .map(|zr| ArgmaxPartial::of(zr, n0, never))
+                .map(|zr| ArgmaxPartial::of_isa(isa, zr, n0, never))
                 .collect()
         };
         let n_chunks = n.div_ceil(CHUNK);
