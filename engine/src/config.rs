@@ -10,9 +10,14 @@ use alloc::vec::Vec;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::models::siglip_qwen::SiglipQwenConfig;
 
-/// Model types this engine runs (spec §1.1).
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["diffusionvl_qwenvl"];
+/// Model types this engine runs (spec §1.1): the Qwen2.5-VL variants (3B, 7B) and the
+/// SigLIP variant (DiffusionVL-Qwen2.5-7B).
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["diffusionvl_qwenvl", "diffusionvl_qwen"];
+
+/// `model_type` of DiffusionVL-Qwen2.5-7B (SigLIP + anyres, spec §1.2).
+pub const SIGLIP_MODEL_TYPE: &str = "diffusionvl_qwen";
 
 /// Qwen2 / Qwen2.5-VL text decoder (spec §7).
 #[derive(Clone, Debug, PartialEq)]
@@ -64,7 +69,13 @@ impl QwenVisionConfig {
 pub struct Config {
     pub model_type: String,
     pub text: TextConfig,
+    /// The Qwen2.5-VL tower. For `diffusionvl_qwen` it describes the SigLIP tower in the same
+    /// terms (no temporal patches, no merge; see [`SiglipQwenConfig::as_vision_descriptor`]);
+    /// the variant's own configuration is [`Config::siglip`].
     pub vision: QwenVisionConfig,
+    /// SigLIP tower, tiling and merge of `diffusionvl_qwen` (spec §1.2, §4.2, §5.2); `None`
+    /// for the Qwen2.5-VL variants.
+    pub siglip: Option<SiglipQwenConfig>,
     /// `bd3lm_block_size` (spec §8.1; default 8).
     pub block_size: usize,
     /// Image pixel range for `smart_resize` (spec §4.1, §12 Q4).
@@ -189,6 +200,37 @@ impl Config {
                 crate::MASK_ID
             )));
         }
+        let block_size = opt_usize(&root, "bd3lm_block_size", 8)?;
+        if block_size == 0 {
+            return Err(Error::Config(
+                "bd3lm_block_size must be at least 1".to_string(),
+            ));
+        }
+        let max_prompt_rows = opt_usize(&root, "tokenizer_model_max_length", 8192)?;
+        if model_type == SIGLIP_MODEL_TYPE {
+            let projector_type = root
+                .get("mm_projector_type")
+                .and_then(|v| v.as_str())
+                .unwrap_or("mlp2x_gelu")
+                .to_string();
+            if projector_type != "mlp2x_gelu" {
+                return Err(Error::Config(format!(
+                    "mm_projector_type {projector_type:?} unsupported for {SIGLIP_MODEL_TYPE}; expected \"mlp2x_gelu\""
+                )));
+            }
+            let siglip = SiglipQwenConfig::from_json(&root)?;
+            return Ok(Config {
+                model_type,
+                vision: siglip.as_vision_descriptor(hidden_size),
+                text,
+                siglip: Some(siglip),
+                block_size,
+                min_pixels: 147_456,
+                max_pixels: 262_144,
+                projector_type,
+                max_prompt_rows,
+            });
+        }
         let vc = root
             .get("vision_config")
             .filter(|v| v.is_object())
@@ -264,12 +306,6 @@ impl Config {
                 SUPPORTED_MODEL_TYPES[0]
             )));
         }
-        let block_size = opt_usize(&root, "bd3lm_block_size", 8)?;
-        if block_size == 0 {
-            return Err(Error::Config(
-                "bd3lm_block_size must be at least 1".to_string(),
-            ));
-        }
         let min_pixels = opt_usize(&root, "min_pixels", 147_456)?;
         let max_pixels = opt_usize(&root, "max_pixels", 262_144)?;
         if min_pixels > max_pixels {
@@ -281,11 +317,12 @@ impl Config {
             model_type,
             text,
             vision,
+            siglip: None,
             block_size,
             min_pixels,
             max_pixels,
             projector_type,
-            max_prompt_rows: opt_usize(&root, "tokenizer_model_max_length", 8192)?,
+            max_prompt_rows,
         })
     }
 }
@@ -316,6 +353,27 @@ mod tests {
             msg.contains("llama") && msg.contains("diffusionvl_qwenvl"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn siglip_variant_is_detected() {
+        let j = r#"{"model_type":"diffusionvl_qwen","hidden_size":64,"intermediate_size":160,
+          "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"vocab_size":151936,
+          "mm_projector_type":"mlp2x_gelu","mm_hidden_size":1152,"image_aspect_ratio":"anyres_max_4",
+          "mm_patch_merge_type":"spatial_unpad","image_grid_pinpoints":[[384,384],[384,768]]}"#;
+        let c = Config::from_json(j.as_bytes()).unwrap();
+        let s = c.siglip.as_ref().unwrap();
+        assert_eq!(s.pinpoints, vec![(384, 384), (384, 768)]);
+        assert_eq!(s.vision.layers_used(), 26);
+        assert_eq!((c.vision.depth, c.vision.hidden_size), (26, 1152));
+        assert_eq!(c.projector_type, "mlp2x_gelu");
+        // The Qwen-VL projector is not accepted for this variant, and vice versa.
+        let bad = j.replace("mlp2x_gelu", "qwen_merger");
+        assert!(Config::from_json(bad.as_bytes())
+            .unwrap_err()
+            .to_string()
+            .contains("mlp2x_gelu"));
+        assert!(Config::from_json(MIN.as_bytes()).unwrap().siglip.is_none());
     }
 
     #[test]

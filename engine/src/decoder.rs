@@ -261,7 +261,7 @@ impl Rng {
 /// Draw a token and its confidence from one row of logits (spec §8.6). Greedy at
 /// temperature 0; otherwise temperature, top-k, top-p, then a categorical draw. MASK is
 /// never drawn (documented deviation, spec §8.11).
-fn sample(z: &[f32], p: &GenerateParams, rng: &mut Rng) -> (u32, f32) {
+fn sample(z: &[f32], p: &GenerateParams, rng: &mut Rng, untempered: bool) -> (u32, f32) {
     if p.temperature == 0.0 {
         let (i, c) = argmax_confidence(z, Some(MASK_ID as usize));
         return (i as u32, c);
@@ -314,6 +314,12 @@ fn sample(z: &[f32], p: &GenerateParams, rng: &mut Rng) -> (u32, f32) {
             break;
         }
     }
+    if untempered {
+        // softmax(z)[x0] over the raw logits (spec §8.6, SigLIP variant).
+        let m = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+        let s: f64 = z.iter().map(|&v| libm::exp(v as f64 - m)).sum();
+        return (pick as u32, (libm::exp(z[pick] as f64 - m) / s) as f32);
+    }
     (pick as u32, (w[pick] / total) as f32)
 }
 
@@ -349,6 +355,10 @@ pub struct DecodeModel<'m, 'a> {
     pub text: &'m TextModel,
     pub store: &'m WeightStore<'a>,
     pub block_size: usize,
+    /// Confidence of a sampled token = its probability under the untempered, untruncated
+    /// softmax (the SigLIP variant) instead of the tempered / top-k / top-p one (the
+    /// Qwen2.5-VL variants); spec §8.6. Greedy decoding is the same either way.
+    pub untempered_confidence: bool,
 }
 
 /// Run block-diffusion decoding on an assembled prompt (`prompt_rows × H` embeddings).
@@ -506,7 +516,12 @@ pub fn generate(
                 }
                 for i in 0..block {
                     if is_mask[i] {
-                        let (t, c) = sample(&logits[i * vocab..(i + 1) * vocab], params, &mut rng);
+                        let (t, c) = sample(
+                            &logits[i * vocab..(i + 1) * vocab],
+                            params,
+                            &mut rng,
+                            m.untempered_confidence,
+                        );
                         x0[i] = t;
                         conf[i] = Some(c);
                     }
@@ -711,7 +726,7 @@ mod tests {
         z[MASK_ID as usize] = 50.0;
         z[7] = 3.0;
         z[9] = 3.0;
-        let (t, c) = sample(&z, &GenerateParams::default(), &mut Rng(0));
+        let (t, c) = sample(&z, &GenerateParams::default(), &mut Rng(0), false);
         assert_eq!(t, 7);
         assert!(c < 1e-6, "MASK still counts in the denominator, conf {c}");
     }
@@ -728,7 +743,7 @@ mod tests {
         let draw = |seed| {
             let mut r = Rng(seed);
             (0..20)
-                .map(|_| sample(&z, &p, &mut r).0)
+                .map(|_| sample(&z, &p, &mut r, false).0)
                 .collect::<Vec<_>>()
         };
         assert_eq!(draw(42), draw(42));
@@ -739,6 +754,27 @@ mod tests {
                 "top-k 3 keeps only the maximal logits"
             );
         }
+    }
+
+    #[test]
+    fn untempered_confidence_ignores_temperature_and_truncation() {
+        // spec §8.6: same draw, confidence from softmax(z) instead of the tempered,
+        // top-k-truncated distribution.
+        let z: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.5).collect();
+        let p = GenerateParams {
+            temperature: 0.5,
+            top_k: 2,
+            seed: 7,
+            ..Default::default()
+        };
+        let (t1, c_tempered) = sample(&z, &p, &mut Rng(7), false);
+        let (t2, c_raw) = sample(&z, &p, &mut Rng(7), true);
+        assert_eq!(t1, t2);
+        let m = z.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
+        let s: f64 = z.iter().map(|&v| libm::exp(v as f64 - m)).sum();
+        let want = (libm::exp(z[t1 as usize] as f64 - m) / s) as f32;
+        assert!((c_raw - want).abs() < 1e-7, "{c_raw} vs {want}");
+        assert!(c_tempered > c_raw * 2.0, "{c_tempered} vs {c_raw}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::images::{self, DecodeLimits, RgbImage};
 use crate::models::qwen2_5_vl::vision::Grid;
 use crate::models::qwen2_5_vl::Model;
+use crate::models::{siglip_qwen, Vision};
 use crate::prompt;
 use crate::tokenizer::Tokenizer;
 use crate::weights::{ShardBytes, WeightStore};
@@ -24,7 +25,8 @@ pub enum ImageInput {
     /// Decoded RGB8 pixels (camera frames, render targets).
     Rgb(RgbImage),
     /// Already preprocessed `pixel_values [patches, patch_dim]` and grid (bring your own
-    /// decoder / processor).
+    /// decoder / processor). For the SigLIP variant: tiles `[t, 3, S, S]` and
+    /// `Grid { t: tiles, h: image height, w: image width }` (see [`siglip_qwen`]).
     Pixels { values: Vec<f32>, grid: Grid },
 }
 
@@ -226,7 +228,9 @@ impl Engine {
         prompt::tokenize_with_images(&text, |c| tok.encode(c))
     }
 
-    /// Preprocess every image of a request into one `pixel_values` matrix and its grids.
+    /// Preprocess every image of a request into one `pixel_values` matrix and its grids
+    /// (SigLIP variant: all tiles, and per image (tiles, height, width); several images in a
+    /// request are padded to squares, one tile each, spec §4.2 step 7).
     pub fn preprocess(&self, inputs: &[ImageInput]) -> Result<(Vec<f32>, Vec<Grid>)> {
         let cfg = &self.model.config;
         let mut pixels = Vec::new();
@@ -253,6 +257,13 @@ impl Engine {
                     continue;
                 }
             };
+            if let Vision::Siglip(s) = &self.model.vision {
+                let t = siglip_qwen::preprocess::preprocess(rgb, &s.cfg, inputs.len() > 1)
+                    .map_err(ctx)?;
+                pixels.extend_from_slice(&t.pixels);
+                grids.push(t.grid);
+                continue;
+            }
             let pre = images::preprocess_qwen2vl(rgb, &cfg.vision, cfg.min_pixels, cfg.max_pixels)
                 .map_err(ctx)?;
             pixels.extend_from_slice(&pre.pixel_values);
@@ -276,12 +287,17 @@ impl Engine {
         let (pixels, grids) = self.preprocess(&req.images)?;
         let t1 = Instant::now();
         if obs.wants_probes() && !grids.is_empty() {
-            let cols = self.model.config.vision.patch_dim();
-            obs.probe(
-                "pixel_values",
-                &[pixels.len() / cols, cols],
-                ProbeData::F32(&pixels),
-            );
+            let shape = match &self.model.vision {
+                Vision::Siglip(s) => {
+                    let side = s.cfg.vision.image_size;
+                    vec![pixels.len() / (3 * side * side), 3, side, side]
+                }
+                Vision::Qwen(_) => {
+                    let cols = self.model.config.vision.patch_dim();
+                    vec![pixels.len() / cols, cols]
+                }
+            };
+            obs.probe("pixel_values", &shape, ProbeData::F32(&pixels));
             let thw: Vec<i64> = grids
                 .iter()
                 .flat_map(|g| [g.t as i64, g.h as i64, g.w as i64])
@@ -313,7 +329,7 @@ impl Engine {
             None => String::new(),
         };
         let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
-        let image_tokens = grids.iter().map(|g| self.model.vision.tokens_for(g)).sum();
+        let image_tokens = grids.iter().map(|g| self.model.tokens_for(g)).sum();
         Ok(Generation {
             output,
             text,

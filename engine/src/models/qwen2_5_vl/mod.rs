@@ -1,5 +1,7 @@
 //! DiffusionVL-Qwen2.5VL (3B / 7B): Qwen2.5-VL vision tower + merger, Qwen2.5-VL text
-//! decoder turned block-diffusion decoder.
+//! decoder turned block-diffusion decoder. [`Model`] also carries the SigLIP variant
+//! (DiffusionVL-Qwen2.5-7B, [`crate::models::siglip_qwen`]): same text decoder, another
+//! vision side ([`Vision`]).
 
 pub mod text;
 pub mod vision;
@@ -11,6 +13,8 @@ use crate::backend::Backend;
 use crate::config::Config;
 use crate::decoder::DecodeModel;
 use crate::error::{Error, Result};
+use crate::models::siglip_qwen::SiglipQwenVision;
+pub use crate::models::Vision;
 use crate::weights::WeightStore;
 use text::TextModel;
 use vision::{Grid, VisionModel};
@@ -23,7 +27,7 @@ pub struct Model<'a> {
     pub config: Config,
     pub store: WeightStore<'a>,
     pub text: TextModel,
-    pub vision: VisionModel,
+    pub vision: Vision,
 }
 
 impl<'a> Model<'a> {
@@ -31,7 +35,16 @@ impl<'a> Model<'a> {
     /// model. Errors name the offending tensor.
     pub fn new(config: Config, store: WeightStore<'a>) -> Result<Self> {
         let text = TextModel::load(&store, &config.text)?;
-        let vision = VisionModel::load(&store, &config.vision, config.text.hidden_size)?;
+        let vision = match &config.siglip {
+            Some(sc) => {
+                Vision::Siglip(SiglipQwenVision::load(&store, sc, config.text.hidden_size)?)
+            }
+            None => Vision::Qwen(VisionModel::load(
+                &store,
+                &config.vision,
+                config.text.hidden_size,
+            )?),
+        };
         Ok(Model {
             config,
             store,
@@ -45,7 +58,14 @@ impl<'a> Model<'a> {
             text: &self.text,
             store: &self.store,
             block_size: self.config.block_size,
+            // The SigLIP variant's sampler reports the untempered probability (spec §8.6).
+            untempered_confidence: self.config.siglip.is_some(),
         }
+    }
+
+    /// LLM rows one image produces (spec §4.1 / §5.2).
+    pub fn tokens_for(&self, g: &Grid) -> usize {
+        self.vision.tokens_for(g)
     }
 
     /// Bytes of the language model's weights (what one denoising step streams).
@@ -62,20 +82,25 @@ impl<'a> Model<'a> {
                 .bytes_of(core::iter::once(self.text.lm_head.name.as_str()))
     }
 
-    /// Encode images from preprocessed `pixel_values` + grids (spec §5.1); one feature
-    /// matrix `[tokens, H]` per image.
+    /// Encode images from preprocessed pixels + grids; one feature matrix `[tokens, H]` per
+    /// image. Qwen2.5-VL: `pixel_values` and `image_grid_thw` (spec §5.1). SigLIP: tiles
+    /// `[Σ t, 3, S, S]` and per image (tiles, height, width) (spec §5.2).
     pub fn encode_images(
         &self,
         be: &dyn Backend,
         pixels: &[f32],
         grids: &[Grid],
     ) -> Result<Vec<Vec<f32>>> {
-        let feats = self.vision.forward(be, &self.store, pixels, grids)?;
+        let vision = match &self.vision {
+            Vision::Qwen(v) => v,
+            Vision::Siglip(s) => return Ok(s.encode(be, &self.store, pixels, grids)?.images),
+        };
+        let feats = vision.forward(be, &self.store, pixels, grids)?;
         let h = self.config.text.hidden_size;
         let mut out = Vec::with_capacity(grids.len());
         let mut off = 0;
         for g in grids {
-            let n = self.vision.tokens_for(g) * h;
+            let n = vision.tokens_for(g) * h;
             out.push(feats[off..off + n].to_vec());
             off += n;
         }
