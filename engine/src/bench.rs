@@ -6,10 +6,11 @@ use std::time::Instant;
 
 use crate::backend::CpuBackend;
 use crate::decoder::Layout;
+use crate::engine::{Engine, ImageInput};
 use crate::error::{Error, Result};
+use crate::images::RgbImage;
 use crate::models::qwen2_5_vl::text::KvCache;
 use crate::models::qwen2_5_vl::vision::Grid;
-use crate::models::qwen2_5_vl::Model;
 
 #[derive(Clone, Debug)]
 pub struct BenchConfig {
@@ -105,7 +106,41 @@ pub fn read_bandwidth_gbps(threads: usize) -> f64 {
     best
 }
 
-pub fn run(model: &Model<'_>, be: &CpuBackend, cfg: &BenchConfig) -> Result<BenchResult> {
+/// Tower input for one `side`×`side` image: for the Qwen2.5-VL tower, `pixel_values` of a
+/// fixed pattern (the PyTorch peer feeds the same values); for the SigLIP variant, the
+/// anyres tiles of a synthetic picture (base + crops).
+fn vision_input(engine: &Engine, side: usize) -> Result<(Vec<f32>, Vec<Grid>)> {
+    let model = &engine.model;
+    if model.config.siglip.is_some() {
+        let mut data = Vec::with_capacity(side * side * 3);
+        for y in 0..side {
+            for x in 0..side {
+                data.extend_from_slice(&[
+                    (x * 255 / side) as u8,
+                    (y * 255 / side) as u8,
+                    ((x ^ y) & 0xff) as u8,
+                ]);
+            }
+        }
+        let img = RgbImage::from_rgb8(side, side, side * 3, &data)?;
+        return engine.preprocess(&[ImageInput::Rgb(img)]);
+    }
+    let patch = model.config.vision.patch_size;
+    let cells = side / (patch * 2) * 2;
+    let grid = Grid {
+        t: 1,
+        h: cells,
+        w: cells,
+    };
+    let n = grid.patches() * model.config.vision.patch_dim();
+    let pixels: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+        .collect();
+    Ok((pixels, vec![grid]))
+}
+
+pub fn run(engine: &Engine, be: &CpuBackend, cfg: &BenchConfig) -> Result<BenchResult> {
+    let model = &engine.model;
     let text = &model.text;
     let h = text.cfg.hidden_size;
     let b = cfg.block;
@@ -129,19 +164,9 @@ pub fn run(model: &Model<'_>, be: &CpuBackend, cfg: &BenchConfig) -> Result<Benc
     let store = &model.store;
 
     if cfg.vision {
-        let patch = model.config.vision.patch_size;
-        let side = cfg.image_side / (patch * 2) * 2;
-        let grid = Grid {
-            t: 1,
-            h: side,
-            w: side,
-        };
-        let n = grid.patches() * model.config.vision.patch_dim();
-        let pixels: Vec<f32> = (0..n)
-            .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
-            .collect();
+        let (pixels, grids) = vision_input(engine, cfg.image_side)?;
         res.vision_ms = Some(time_ms(cfg.reps, cfg.max_seconds_per_item, || {
-            model.encode_images(be, &pixels, &[grid]).map(|_| ())
+            model.encode_images(be, &pixels, &grids).map(|_| ())
         })?);
     }
 

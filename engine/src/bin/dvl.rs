@@ -298,7 +298,7 @@ fn bench(args: &Args) -> Result<(), String> {
         vision: !args.has("no-vision"),
         ..d
     };
-    let r = dvl::bench::run(&engine.model, &be, &cfg).map_err(|e| e.to_string())?;
+    let r = dvl::bench::run(&engine, &be, &cfg).map_err(|e| e.to_string())?;
     if args.has("json") {
         let v = serde_json::json!({
             "model": model, "threads": r.threads, "isa": r.isa, "prefix": cfg.prefix, "block": cfg.block,
