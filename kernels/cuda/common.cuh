@@ -19,6 +19,9 @@ typedef unsigned short bf16_t; // raw bf16 bits
 typedef unsigned int u32;
 
 #define DVL_FULL_MASK 0xffffffffu
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
 
 // bf16 -> f32 is exact: bf16 is the top half of an f32.
 __device__ __forceinline__ float bf16_to_f32(bf16_t v) { return __uint_as_float(((u32)v) << 16); }
@@ -55,27 +58,43 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Warp reduce-scatter of V values per lane (V a power of two, 1..32): afterwards v[0] of lane l
-// holds the warp-wide sum of the original v[l % V]. Costs (5 - log2 V)·V + V - 1 shuffles
-// instead of 5·V for V separate butterflies.
+// Warp reduce-scatter of V values per lane (V a power of two, 1..32): afterwards lane l holds
+// the warp-wide sum of the original v[l % V] (returned). Costs (5 - log2 V)·V + V - 1 shuffles
+// instead of 5·V for V separate butterflies. Written as template recursion so every array
+// index is a compile-time constant (a run-time index would move `v` to local memory).
+template <int V, int OFF, bool FULL = (OFF >= V)>
+struct WarpRs;
+// Offsets >= V: plain butterfly on all V values.
+template <int V, int OFF>
+struct WarpRs<V, OFF, true> {
+    static __device__ __forceinline__ void run(float (&v)[V], int lane) {
+#pragma unroll
+        for (int i = 0; i < V; ++i) v[i] += __shfl_xor_sync(DVL_FULL_MASK, v[i], OFF);
+        WarpRs<V, OFF / 2>::run(v, lane);
+    }
+};
+// Offsets < V: lanes with bit OFF set keep the upper half of the live values, the others the
+// lower half; each sends the half it drops to its partner.
+template <int V, int OFF>
+struct WarpRs<V, OFF, false> {
+    static __device__ __forceinline__ void run(float (&v)[V], int lane) {
+        const bool upper = (lane & OFF) != 0;
+#pragma unroll
+        for (int i = 0; i < OFF; ++i) {
+            const float send = upper ? v[i] : v[i + OFF];
+            const float keep = upper ? v[i + OFF] : v[i];
+            v[i] = keep + __shfl_xor_sync(DVL_FULL_MASK, send, OFF);
+        }
+        WarpRs<V, OFF / 2>::run(v, lane);
+    }
+};
+template <int V>
+struct WarpRs<V, 0, false> {
+    static __device__ __forceinline__ void run(float (&)[V], int) {}
+};
 template <int V>
 __device__ __forceinline__ float warp_reduce_scatter(float (&v)[V]) {
-#pragma unroll
-    for (int off = 16; off >= V; off >>= 1) {
-#pragma unroll
-        for (int i = 0; i < V; ++i) v[i] += __shfl_xor_sync(DVL_FULL_MASK, v[i], off);
-    }
-    const int lane = threadIdx.x & 31;
-#pragma unroll
-    for (int h = V / 2; h >= 1; h >>= 1) {
-        const bool upper = (lane & h) != 0;
-#pragma unroll
-        for (int i = 0; i < h; ++i) {
-            const float send = upper ? v[i] : v[i + h];
-            const float keep = upper ? v[i + h] : v[i];
-            v[i] = keep + __shfl_xor_sync(DVL_FULL_MASK, send, h);
-        }
-    }
+    WarpRs<V, 16>::run(v, threadIdx.x & 31);
     return v[0];
 }
 

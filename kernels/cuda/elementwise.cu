@@ -71,12 +71,14 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 // Embedding gather (committing unmasked tokens, spec §8.5): out[r, c] = f32(table[ids[r], c]),
-// table [vocab, dim] bf16, ids [rows] i32, out [rows, dim] f32.
+// table [vocab, dim] bf16, ids [rows] i32, out [rows, dim] f32. An id outside [0, vocab) gives a
+// zero row instead of reading out of bounds.
 extern "C" __global__ void __launch_bounds__(256)
-    embed_rows_bf16(const bf16_t* __restrict__ table, int dim, const int* __restrict__ ids,
-                    int rows, float* __restrict__ out) {
+    embed_rows_bf16(const bf16_t* __restrict__ table, int vocab, int dim,
+                    const int* __restrict__ ids, int rows, float* __restrict__ out) {
     DVL_GRID_STRIDE(i, (long long)rows * dim) {
         const int r = (int)(i / dim), c = (int)(i % dim);
-        out[i] = bf16_to_f32(table[(size_t)ids[r] * dim + c]);
+        const int id = ids[r];
+        out[i] = (id >= 0 && id < vocab) ? bf16_to_f32(table[(size_t)id * dim + c]) : 0.f;
     }
 }

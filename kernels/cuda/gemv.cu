@@ -17,26 +17,25 @@
 //   `gemv_bf16_m{MT}_r{R}_any` takes any k and any 4-/2-byte alignment (scalar loads).
 //   Rows past m or n are clamped on load and never stored.
 
+// acc[r][i] += dot(x row i [c·8 .. c·8+8), W row r [same]) for a lane's 8-element chunk.
 template <int MT, int R>
 __device__ __forceinline__ void gemv_fma8(float (&acc)[R][MT], const uint4 (&wv)[R],
-                                          const float4 (&xa)[MT], const float4 (&xb)[MT]) {
+                                          const float* const (&xr)[MT], int c) {
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-        const float w0 = bf16_lo(wv[r].x), w1 = bf16_hi(wv[r].x);
-        const float w2 = bf16_lo(wv[r].y), w3 = bf16_hi(wv[r].y);
-        const float w4 = bf16_lo(wv[r].z), w5 = bf16_hi(wv[r].z);
-        const float w6 = bf16_lo(wv[r].w), w7 = bf16_hi(wv[r].w);
+    for (int i = 0; i < MT; ++i) {
+        const float4* p = (const float4*)(xr[i] + (size_t)c * 8);
+        const float4 xa = __ldg(p), xb = __ldg(p + 1);
 #pragma unroll
-        for (int i = 0; i < MT; ++i) {
+        for (int r = 0; r < R; ++r) {
             float a = acc[r][i];
-            a = fmaf(xa[i].x, w0, a);
-            a = fmaf(xa[i].y, w1, a);
-            a = fmaf(xa[i].z, w2, a);
-            a = fmaf(xa[i].w, w3, a);
-            a = fmaf(xb[i].x, w4, a);
-            a = fmaf(xb[i].y, w5, a);
-            a = fmaf(xb[i].z, w6, a);
-            a = fmaf(xb[i].w, w7, a);
+            a = fmaf(xa.x, bf16_lo(wv[r].x), a);
+            a = fmaf(xa.y, bf16_hi(wv[r].x), a);
+            a = fmaf(xa.z, bf16_lo(wv[r].y), a);
+            a = fmaf(xa.w, bf16_hi(wv[r].y), a);
+            a = fmaf(xb.x, bf16_lo(wv[r].z), a);
+            a = fmaf(xb.y, bf16_hi(wv[r].z), a);
+            a = fmaf(xb.z, bf16_lo(wv[r].w), a);
+            a = fmaf(xb.w, bf16_hi(wv[r].w), a);
             acc[r][i] = a;
         }
     }
@@ -76,34 +75,14 @@ __device__ __forceinline__ void gemv_body(const float* __restrict__ x, int m, in
                 w0[r] = ld_stream_u4(wr[r] + (size_t)c * 8);
                 w1[r] = ld_stream_u4(wr[r] + (size_t)(c + 32) * 8);
             }
-            float4 xa[MT], xb[MT];
-#pragma unroll
-            for (int i = 0; i < MT; ++i) {
-                const float4* p = (const float4*)(xr[i] + (size_t)c * 8);
-                xa[i] = __ldg(p);
-                xb[i] = __ldg(p + 1);
-            }
-            gemv_fma8<MT, R>(acc, w0, xa, xb);
-#pragma unroll
-            for (int i = 0; i < MT; ++i) {
-                const float4* p = (const float4*)(xr[i] + (size_t)(c + 32) * 8);
-                xa[i] = __ldg(p);
-                xb[i] = __ldg(p + 1);
-            }
-            gemv_fma8<MT, R>(acc, w1, xa, xb);
+            gemv_fma8<MT, R>(acc, w0, xr, c);
+            gemv_fma8<MT, R>(acc, w1, xr, c + 32);
         }
         if (c < k8) {
             uint4 w0[R];
 #pragma unroll
             for (int r = 0; r < R; ++r) w0[r] = ld_stream_u4(wr[r] + (size_t)c * 8);
-            float4 xa[MT], xb[MT];
-#pragma unroll
-            for (int i = 0; i < MT; ++i) {
-                const float4* p = (const float4*)(xr[i] + (size_t)c * 8);
-                xa[i] = __ldg(p);
-                xb[i] = __ldg(p + 1);
-            }
-            gemv_fma8<MT, R>(acc, w0, xa, xb);
+            gemv_fma8<MT, R>(acc, w0, xr, c);
         }
     } else {
         for (int kk = lane; kk < k; kk += 32) {

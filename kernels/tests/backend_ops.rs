@@ -308,3 +308,35 @@ fn amx_matches_reference_on_bf16_rounded_activations() {
         assert_eq!(&one[..], &got[(m - 1) * n..]);
     }
 }
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx512_rows_are_bitwise_stable_across_tile_shapes() {
+    // Every (rows, cols) tile shape reduces with the same lane tree: compare a full
+    // 4-row call with each row computed alone and with odd column counts.
+    if !isas().contains(&Isa::Avx512) {
+        return;
+    }
+    let k = 45;
+    let x = rand_vec(7 * k, 5);
+    let w: Vec<f32> = rand_vec(11 * k, 6);
+    let mut all = vec![0f32; 7 * 11];
+    matmul(Isa::Avx512, &x, 7, k, &w, 11, None, &mut all, 11);
+    for r in 0..7 {
+        for n in [1usize, 3, 11] {
+            let mut one = vec![0f32; n];
+            matmul(
+                Isa::Avx512,
+                &x[r * k..(r + 1) * k],
+                1,
+                k,
+                &w,
+                n,
+                None,
+                &mut one,
+                n,
+            );
+            assert_eq!(&one[..], &all[r * 11..r * 11 + n], "row {r}, {n} columns");
+        }
+    }
+}
