@@ -1,0 +1,44 @@
+//! The log sink: the one piece of process-wide state (it must be installable before any
+//! model or context exists). A lock-protected slot; the callback is called without the
+//! lock held, so it may itself call into dvl.
+
+use std::ffi::c_void;
+use std::sync::RwLock;
+
+use crate::guard::c_string;
+use crate::{dvl_log_callback, dvl_log_level};
+
+#[derive(Clone, Copy)]
+struct Sink {
+    callback: unsafe extern "C" fn(dvl_log_level, *const std::ffi::c_char, *mut c_void),
+    /// The caller's pointer, stored as an address: dvl never dereferences it.
+    user_data: usize,
+    min_level: u32,
+}
+
+static SINK: RwLock<Option<Sink>> = RwLock::new(None);
+
+/// Install (or with `None` remove) the log callback.
+pub(crate) fn set(callback: dvl_log_callback, min_level: u32, user_data: *mut c_void) {
+    let sink = callback.map(|callback| Sink {
+        callback,
+        user_data: user_data as usize,
+        min_level,
+    });
+    *SINK.write().unwrap_or_else(|e| e.into_inner()) = sink;
+}
+
+/// Send a message (built only if a sink wants it) to the installed callback.
+pub(crate) fn log(level: dvl_log_level, message: impl FnOnce() -> String) {
+    let sink = *SINK.read().unwrap_or_else(|e| e.into_inner());
+    let Some(sink) = sink else {
+        return;
+    };
+    if (level as u32) < sink.min_level {
+        return;
+    }
+    let msg = c_string(&message());
+    // SAFETY: the caller installed this callback and promised it may be called from any
+    // thread with the user_data it gave, until it is replaced.
+    unsafe { (sink.callback)(level, msg.as_ptr(), sink.user_data as *mut c_void) };
+}
