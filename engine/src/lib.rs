@@ -19,6 +19,8 @@ pub mod weights;
 
 #[cfg(feature = "std")]
 pub mod bench;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 #[cfg(feature = "std")]
 pub mod engine;
 #[cfg(feature = "std")]
