@@ -241,6 +241,9 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage> {
         Format::Jpeg => {
             let (w, h) = jpeg_header(bytes)?;
             check_limits(w, h, limits)?;
+            if let Some(img) = decode_jpeg_libjpeg(bytes)? {
+                return Ok(img);
+            }
             None
         }
     };
@@ -275,6 +278,48 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage> {
     }
     let img = ::image::DynamicImage::from_decoder(decoder).map_err(decode_err)?;
     to_rgb(img, png.as_ref())
+}
+
+/// Decode a YCbCr, RGB or grayscale JPEG with libjpeg-turbo's code (the `mozjpeg` crate):
+/// the same IDCT (islow), fancy upsampling and colour conversion as PIL, so the pixels are
+/// bit-identical to the reference processor's. `None` for colour spaces libjpeg cannot turn
+/// into RGB (CMYK, YCCK), which then go through the `image` crate. Dimensions were checked
+/// against the limits before this is called.
+fn decode_jpeg_libjpeg(bytes: &[u8]) -> Result<Option<RgbImage>> {
+    use mozjpeg::ColorSpace;
+    // libjpeg errors unwind out of its error handler (resume_unwind: no panic hook runs).
+    let run = std::panic::catch_unwind(|| -> std::io::Result<Option<(usize, usize, Vec<u8>)>> {
+        let d = mozjpeg::Decompress::new_mem(bytes)?;
+        match d.color_space() {
+            ColorSpace::JCS_YCbCr | ColorSpace::JCS_RGB | ColorSpace::JCS_GRAYSCALE => {}
+            _ => return Ok(None),
+        }
+        let mut started = d.rgb()?;
+        let (w, h) = (started.width(), started.height());
+        let data: Vec<u8> = started.read_scanlines::<u8>()?;
+        started.finish()?;
+        Ok(Some((w, h, data)))
+    });
+    match run {
+        Ok(Ok(Some((width, height, data)))) if data.len() == width * height * 3 => {
+            Ok(Some(RgbImage {
+                width,
+                height,
+                data,
+            }))
+        }
+        Ok(Ok(Some(_))) => Err(img_err("JPEG decoder returned a short image")),
+        Ok(Ok(None)) => Ok(None),
+        Ok(Err(e)) => Err(img_err(format!("cannot decode JPEG image: {e}"))),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "libjpeg error".to_string());
+            Err(img_err(format!("cannot decode JPEG image: {msg}")))
+        }
+    }
 }
 
 /// Decode a JPEG or PNG file. I/O failures give `Error::Io`; decoding failures give

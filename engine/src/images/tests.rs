@@ -327,8 +327,8 @@ mod with_std {
     }
 
     /// The fixture images, their pixel files, and the largest per-byte difference of the
-    /// decoded source allowed. PNG decoding is lossless and matches PIL exactly; JPEG is
-    /// decoded by zune-jpeg here and libjpeg-turbo in PIL (see `JPEG_MAX_DIFF`).
+    /// decoded source allowed. PNG decoding is lossless and matches PIL exactly; JPEG goes
+    /// through libjpeg-turbo's code here as in PIL (see `JPEG_MAX_DIFF`).
     const IMAGES: [(&str, &str); 3] = [
         ("chelsea.png", "chelsea"),
         ("grace_hopper.jpg", "grace_hopper"),
@@ -390,10 +390,9 @@ mod with_std {
             .fold(0.0, f32::max)
     }
 
-    /// JPEG decoders are not bit-identical: zune-jpeg (the `image` crate's) and
-    /// libjpeg-turbo (PIL's) differ in IDCT / chroma-upsampling rounding, by at most a few
-    /// levels on a few pixels. This bounds what the grace_hopper.jpg comparisons may show.
-    const JPEG_MAX_DIFF: u8 = 4;
+    /// JPEG decoding uses libjpeg-turbo's code (the `mozjpeg` crate), as PIL does, so it is
+    /// bit-identical; zune-jpeg (the `image` crate's) differed by up to 4 levels.
+    const JPEG_MAX_DIFF: u8 = 0;
 
     #[test]
     fn fixture_resize_matches_pil() {
