@@ -252,3 +252,47 @@ fn load_from_memory_matches_directory() {
         _ => panic!("expected bf16"),
     }
 }
+
+#[test]
+fn results_do_not_depend_on_the_thread_count() {
+    // Every output element is computed by the same code in the same order whatever the
+    // split: ids and the probe tensors are bit-identical for 1, 2 and 3 threads.
+    struct Keep(Vec<(String, Vec<f32>)>);
+    impl dvl::decoder::Observer for Keep {
+        fn wants_probes(&self) -> bool {
+            true
+        }
+        fn probe(&mut self, name: &str, _: &[usize], d: dvl::decoder::ProbeData<'_>) {
+            if let dvl::decoder::ProbeData::F32(v) = d {
+                self.0.push((name.to_string(), v.to_vec()));
+            }
+        }
+    }
+    let e = Engine::open(&tiny()).unwrap();
+    let mut req = dvl::Request::new("Describe this image.");
+    req.images
+        .push(dvl::ImageInput::Path(images_dir().join("chelsea.png")));
+    let p = dvl::GenerateParams {
+        gen_length: 16,
+        ..Default::default()
+    };
+    let run = |threads| {
+        let be = dvl::CpuBackend::with_threads(threads).unwrap();
+        let mut k = Keep(Vec::new());
+        let g = e.generate(&be, &req, &p, &mut k).unwrap();
+        (g.output.ids, k.0)
+    };
+    let one = run(1);
+    assert!(!one.1.is_empty());
+    for t in [2, 3] {
+        let other = run(t);
+        assert_eq!(one.0, other.0, "{t} threads: ids");
+        for ((n1, v1), (n2, v2)) in one.1.iter().zip(&other.1) {
+            assert_eq!(n1, n2);
+            assert!(
+                v1.iter().zip(v2).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{t} threads: {n1} differs"
+            );
+        }
+    }
+}
