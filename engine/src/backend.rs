@@ -349,7 +349,7 @@ impl Backend for CpuBackend {
         keys: KeyRange<'_>,
     ) {
         let max_keys = (0..n_q)
-            .map(|i| keys(i))
+            .map(keys)
             .map(|(lo, hi)| hi - lo)
             .max()
             .unwrap_or(0);

@@ -271,8 +271,8 @@ impl Config {
             },
         };
         if vision.num_heads == 0
-            || vision.hidden_size % vision.num_heads != 0
-            || vision.head_dim() % 4 != 0
+            || !vision.hidden_size.is_multiple_of(vision.num_heads)
+            || !vision.head_dim().is_multiple_of(4)
         {
             return Err(Error::Config(format!(
                 "vision hidden_size {} / num_heads {} must give a head_dim divisible by 4 (2-D RoPE)",
@@ -288,7 +288,7 @@ impl Config {
         let unit = vision.patch_size * vision.spatial_merge_size;
         if vision.patch_size == 0
             || vision.spatial_merge_size == 0
-            || vision.window_size % unit != 0
+            || !vision.window_size.is_multiple_of(unit)
         {
             return Err(Error::Config(format!(
                 "vision window_size {} must be a multiple of patch_size × spatial_merge_size = {unit}",

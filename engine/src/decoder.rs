@@ -373,7 +373,7 @@ pub fn generate(
     let text = m.text;
     let h = text.cfg.hidden_size;
     let vocab = text.cfg.vocab_size;
-    if prompt.len() % h != 0 {
+    if !prompt.len().is_multiple_of(h) {
         return Err(Error::InvalidArgument(format!(
             "prompt embeddings ({}) are not a multiple of hidden size {h}",
             prompt.len()

@@ -231,7 +231,7 @@ fn write_shard(
     rng: &mut u64,
 ) -> std::io::Result<()> {
     let mut h = serde_json::to_string(header).unwrap();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(' ');
     }
     w.write_all(&(h.len() as u64).to_le_bytes())?;

@@ -145,7 +145,7 @@ impl<'a> WeightStore<'a> {
     fn fix_alignment(&mut self) {
         for t in self.tensors.values_mut() {
             let b = &(*self.shards[t.shard]).as_ref()[t.start..t.end];
-            let misaligned = b.as_ptr() as usize % t.dtype.size() != 0;
+            let misaligned = !(b.as_ptr() as usize).is_multiple_of(t.dtype.size());
             if misaligned {
                 t.owned = Some(match t.dtype {
                     DType::F32 => OwnedData::F32(

@@ -73,12 +73,15 @@ impl Args {
     }
 }
 
+/// A dumped tensor: name, shape, little-endian bytes, dtype.
+type Probe = (String, Vec<usize>, Vec<u8>, safetensors::Dtype);
+
 /// Streams text as blocks finish, collects probes for --dump.
 struct CliObserver<'e> {
     engine: &'e Engine,
     stream: bool,
     printed: String,
-    probes: Option<Vec<(String, Vec<usize>, Vec<u8>, safetensors::Dtype)>>,
+    probes: Option<Vec<Probe>>,
 }
 
 impl Observer for CliObserver<'_> {

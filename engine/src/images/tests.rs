@@ -392,7 +392,7 @@ mod with_std {
 
     /// JPEG decoding uses libjpeg-turbo's code (the `mozjpeg` crate), as PIL does, so it is
     /// bit-identical; zune-jpeg (the `image` crate's) differed by up to 4 levels.
-    const JPEG_MAX_DIFF: u8 = 0;
+    const JPEG_MAX_DIFF: u8 = 0; // exact
 
     #[test]
     fn fixture_resize_matches_pil() {
@@ -412,11 +412,8 @@ mod with_std {
                 "{file}: resized_rgb max |diff| = {diff} ({differing} of {} bytes differ)",
                 out.data.len()
             );
-            if file.ends_with(".png") {
-                assert_eq!(diff, 0, "{file}: resize must be byte-exact");
-            } else {
-                assert!(diff <= JPEG_MAX_DIFF, "{file}: {diff}");
-            }
+            // PNG and JPEG decode exactly as PIL does, so the resize is byte-exact too.
+            assert_eq!(diff, JPEG_MAX_DIFF, "{file}: resize must be byte-exact");
         }
     }
 
@@ -876,8 +873,9 @@ mod with_std {
         assert_eq!((img.width, img.height), (24, 16));
         for (x, want) in PROGRESSIVE_PIL_ROW0.iter().enumerate() {
             for (got, want) in img.data[x * 3..x * 3 + 3].iter().zip(want) {
-                assert!(
-                    got.abs_diff(*want) <= JPEG_MAX_DIFF,
+                assert_eq!(
+                    got.abs_diff(*want),
+                    JPEG_MAX_DIFF,
                     "pixel {x}: {got} vs {want}"
                 );
             }

@@ -125,7 +125,7 @@ impl<'a> Model<'a> {
         let mut k = 0;
         for &t in prompt_ids {
             if t == IMAGE_PLACEHOLDER {
-                if images[k].len() % h != 0 {
+                if !images[k].len().is_multiple_of(h) {
                     return Err(Error::InvalidArgument(format!(
                         "image {k} features are not rows of {h}"
                     )));

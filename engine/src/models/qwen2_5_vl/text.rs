@@ -253,7 +253,7 @@ impl TextModel {
         let qd = c.num_heads * hd;
         let kvd = cache.kv_dim;
         let pos0 = cache.len;
-        if pos0 % block != 0 {
+        if !pos0.is_multiple_of(block) {
             return Err(Error::InvalidArgument(format!(
                 "forward must start at a block boundary (cache {pos0}, block {block})"
             )));

@@ -241,8 +241,8 @@ impl VisionModel {
                 let (src, dst) = (src_unit * unit + r, dst_unit * unit + r);
                 x[dst * c..(dst + 1) * c].copy_from_slice(&x0[src * c..(src + 1) * c]);
                 let (hp, wp) = positions[src];
-                for k in 0..quarter {
-                    let (a_h, a_w) = (hp as f64 * inv_freq[k], wp as f64 * inv_freq[k]);
+                for (k, &f) in inv_freq.iter().enumerate() {
+                    let (a_h, a_w) = (hp as f64 * f, wp as f64 * f);
                     for (slot, a) in [(k, a_h), (quarter + k, a_w)] {
                         let (sv, cv) = (libm::sin(a) as f32, libm::cos(a) as f32);
                         cos[dst * hd + slot] = cv;
@@ -265,9 +265,7 @@ impl VisionModel {
         let segments = |cu: &[usize]| -> Vec<(usize, usize)> {
             let mut seg = vec![(0, 0); s];
             for w in cu.windows(2) {
-                for r in w[0]..w[1] {
-                    seg[r] = (w[0], w[1]);
-                }
+                seg[w[0]..w[1]].fill((w[0], w[1]));
             }
             seg
         };
