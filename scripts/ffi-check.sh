@@ -63,9 +63,11 @@ finish() {
 }
 
 # ---- build --------------------------------------------------------------------------
-echo "== build (cargo build --release -p dvl -p dvl-ffi)"
-if ! cargo build --release -p dvl -p dvl-ffi; then
-  bad "cargo build --release -p dvl -p dvl-ffi"
+# Built separately: with both in one command cargo unifies features and the library would
+# also get the CLI's exact-jpeg (libjpeg's unprefixed symbols) that libdvl leaves out.
+echo "== build (cargo build --release -p dvl-ffi; cargo build --release -p dvl)"
+if ! cargo build --release -p dvl-ffi || ! cargo build --release -p dvl; then
+  bad "cargo build --release -p dvl-ffi / -p dvl"
   finish
 fi
 ok "build libdvl.a, libdvl.so and the CLI"

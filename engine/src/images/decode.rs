@@ -241,6 +241,7 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage> {
         Format::Jpeg => {
             let (w, h) = jpeg_header(bytes)?;
             check_limits(w, h, limits)?;
+            #[cfg(feature = "exact-jpeg")]
             if let Some(img) = decode_jpeg_libjpeg(bytes)? {
                 return Ok(img);
             }
@@ -285,6 +286,7 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage> {
 /// bit-identical to the reference processor's. `None` for colour spaces libjpeg cannot turn
 /// into RGB (CMYK, YCCK), which then go through the `image` crate. Dimensions were checked
 /// against the limits before this is called.
+#[cfg(feature = "exact-jpeg")]
 fn decode_jpeg_libjpeg(bytes: &[u8]) -> Result<Option<RgbImage>> {
     use mozjpeg::ColorSpace;
     // libjpeg errors unwind out of its error handler (resume_unwind: no panic hook runs).
