@@ -85,7 +85,8 @@ fn io_err(path: &Path, e: std::io::Error) -> Error {
 }
 
 /// Shard files of a checkpoint directory: the index's shards, or `model.safetensors`.
-fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
+/// Also returns the tensor names the index lists (empty without an index), read once.
+fn shard_files(dir: &Path) -> Result<(Vec<PathBuf>, Vec<String>)> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let bytes = std::fs::read(&index).map_err(|e| io_err(&index, e))?;
@@ -110,11 +111,12 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
             }
         }
         files.sort();
-        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+        let names = map.keys().cloned().collect();
+        return Ok((files.into_iter().map(|f| dir.join(f)).collect(), names));
     }
     let single = dir.join("model.safetensors");
     if single.exists() {
-        return Ok(vec![single]);
+        return Ok((vec![single], Vec::new()));
     }
     Err(Error::Io {
         path: dir.display().to_string(),
@@ -133,7 +135,7 @@ impl Engine {
             Error::Config(m) => Error::Config(format!("{}: {m}", cfg_path.display())),
             other => other,
         })?;
-        let files = shard_files(dir)?;
+        let (files, indexed) = shard_files(dir)?;
         let mut shards: Vec<(String, ShardBytes<'static>)> = Vec::new();
         let total: u64 = files
             .iter()
@@ -162,21 +164,11 @@ impl Engine {
             shards.push((name, Box::new(map)));
         }
         let store = WeightStore::new(shards)?;
-        // Every tensor the index names must be in the shard it names.
-        let index = dir.join("model.safetensors.index.json");
-        if index.exists() {
-            let v: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(&index).map_err(|e| io_err(&index, e))?)
-                    .map_err(|e| Error::Index(e.to_string()))?;
-            if let Some(map) = v.get("weight_map").and_then(|m| m.as_object()) {
-                for t in map.keys() {
-                    if store.info(t).is_none() {
-                        return Err(Error::Index(format!(
-                            "index lists {t} but no shard contains it"
-                        )));
-                    }
-                }
-            }
+        // Every tensor the index names must be in one of the shards.
+        if let Some(t) = indexed.iter().find(|t| store.info(t).is_none()) {
+            return Err(Error::Index(format!(
+                "index lists {t} but no shard contains it"
+            )));
         }
         let model = Model::new(config, store)?;
         let tok_path = dir.join("tokenizer.json");
