@@ -12,7 +12,8 @@ const ROUND: f32 = 12_582_912.0;
 #[inline(always)]
 pub fn exp_f32(x: f32) -> f32 {
     let xc = x.clamp(-87.3, 88.7);
-    let n = (xc * LOG2E + ROUND) - ROUND;
+    let t = xc * LOG2E + ROUND;
+    let n = t - ROUND;
     let r = xc - n * LN2_HI - n * LN2_LO;
     // Minimax polynomial for e^r on |r| <= ln2/2 (Cephes expf coefficients).
     let mut p = 1.987_569_1e-4f32;
@@ -22,11 +23,18 @@ pub fn exp_f32(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2ⁿ straight from t's bits: t = 1.5·2²³ + n has ulp 1, so its low mantissa bits hold
+    // n (offset by ROUND's bits). Integer ops only: a float→int cast (`n as i32`) saturates
+    // and checks NaN lane by lane, which stops LLVM from vectorising the whole loop.
+    let scale = f32::from_bits(
+        t.to_bits()
+            .wrapping_sub(ROUND.to_bits())
+            .wrapping_add(127)
+            .wrapping_shl(23),
+    );
     let v = e * scale;
-    if x < -87.3 {
-        0.0
-    } else if x > 88.7 {
+    let v = if x < -87.3 { 0.0 } else { v };
+    if x > 88.7 {
         f32::INFINITY
     } else {
         v

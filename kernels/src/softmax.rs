@@ -34,21 +34,48 @@ pub fn argmax_confidence(logits: &[f32], never: Option<usize>) -> (usize, f32) {
     ArgmaxPartial::of(logits, 0, never).finish()
 }
 
-/// Maximum of a slice (−inf when empty), in 8 lanes so it vectorises.
+/// Maximum of a slice (−inf when empty), in 16 lanes so it vectorises. NaNs are skipped.
 #[inline(always)]
 pub fn max_of(x: &[f32]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; 8];
-    let mut it = x.chunks_exact(8);
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut it = x.chunks_exact(16);
     for c in &mut it {
-        for l in 0..8 {
-            lanes[l] = lanes[l].max(c[l]);
+        for l in 0..16 {
+            // A compare-select is one vmaxps; f32::max adds a NaN fix-up per lane.
+            lanes[l] = if c[l] > lanes[l] { c[l] } else { lanes[l] };
         }
     }
-    let mut m = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    for &v in it.remainder() {
-        m = m.max(v);
+    let mut m = f32::NEG_INFINITY;
+    for &v in lanes.iter().chain(it.remainder()) {
+        m = if v > m { v } else { m };
     }
     m
+}
+
+/// Index of the first element equal to `v`, other than `skip`. Sixteen compares at a time
+/// (one mask test per vector) before looking inside the vector that matched.
+#[inline(always)]
+fn first_index_of(x: &[f32], v: f32, skip: Option<usize>) -> Option<usize> {
+    let scan = |base: usize, c: &[f32]| {
+        c.iter()
+            .enumerate()
+            .map(|(i, &e)| (base + i, e))
+            .find(|&(i, e)| e == v && Some(i) != skip)
+            .map(|(i, _)| i)
+    };
+    let mut it = x.chunks_exact(16);
+    for (ci, c) in (&mut it).enumerate() {
+        let mut hit = false;
+        for l in 0..16 {
+            hit |= c[l] == v;
+        }
+        if hit {
+            if let Some(i) = scan(ci * 16, c) {
+                return Some(i);
+            }
+        }
+    }
+    scan(x.len() / 16 * 16, it.remainder())
 }
 
 /// Running state of the unmasking reduction over one slice of a logits row, so the
@@ -153,10 +180,7 @@ fn partial_body(z: &[f32], offset: usize, never: Option<usize>) -> ArgmaxPartial
         Some(nv) => max_of(&z[..nv]).max(max_of(&z[nv + 1..])),
         None => m,
     };
-    let best = z
-        .iter()
-        .enumerate()
-        .position(|(i, &v)| v == bv && Some(i) != local_never);
+    let best = first_index_of(z, bv, local_never);
     let mut sum = 0f64;
     for chunk in z.chunks(256) {
         let mut lanes = [0f32; 16];
