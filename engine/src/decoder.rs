@@ -497,16 +497,17 @@ pub fn generate(
             let mut conf = vec![None; block];
             let mut x0 = vec![0u32; block];
             if params.temperature == 0.0 && !probes {
-                // Greedy: the fused projection + unmasking pass (spec §8.6).
-                for (i, (t, c)) in text
-                    .greedy_tokens(be, m.store, &hn, block)
-                    .into_iter()
-                    .enumerate()
-                {
-                    if is_mask[i] {
-                        x0[i] = t as u32;
-                        conf[i] = Some(c);
-                    }
+                // Greedy: the fused projection + unmasking pass (spec §8.6), over the rows
+                // still masked only: committed rows' predictions are never read.
+                let rows: Vec<usize> = (0..block).filter(|&i| is_mask[i]).collect();
+                let mut hn_masked = Vec::with_capacity(rows.len() * h);
+                for &i in &rows {
+                    hn_masked.extend_from_slice(&hn[i * h..(i + 1) * h]);
+                }
+                let picks = text.greedy_tokens(be, m.store, &hn_masked, rows.len());
+                for (&i, (t, c)) in rows.iter().zip(picks) {
+                    x0[i] = t as u32;
+                    conf[i] = Some(c);
                 }
             } else {
                 logits.resize(block * vocab, 0.0);
