@@ -1,7 +1,7 @@
 //! Per-kernel throughput (`cargo bench -p dvl-kernels`): GB/s of weights streamed for the
 //! skinny matmuls of a denoising step, GFLOP/s for the large-M matmuls of prefill and
-//! vision, and the unmasking pass over a full vocabulary row. Single thread, every ISA the
-//! CPU has.
+//! vision, the unmasking pass over a full vocabulary row, and attention (FLOP/s over the
+//! visible keys). Single thread, every ISA the CPU has.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use dvl_kernels::bf16;
@@ -28,6 +28,10 @@ fn skinny(c: &mut Criterion) {
         (8usize, 2048usize, 2048usize),
         (8, 2048, 11008),
         (8, 11008, 2048),
+        // The shipped tiny model's tied lm_head: short rows, a long vocabulary.
+        (8, 64, 151936),
+        // L2-resident weights: the kernel's compute rate without memory stalls.
+        (8, 1024, 256),
     ] {
         let x = data(m * k);
         let w: Vec<bf16> = data(n * k).into_iter().map(bf16::from_f32).collect();
@@ -77,11 +81,77 @@ fn unmask(c: &mut Criterion) {
     let z = data(151_936);
     let mut g = c.benchmark_group("unmask_row");
     g.throughput(Throughput::Bytes((z.len() * 4) as u64));
-    g.bench_function("argmax_confidence_151936", |b| {
-        b.iter(|| dvl_kernels::softmax::argmax_confidence(&z, Some(151_671)))
-    });
+    for &isa in dvl_kernels::cpu::supported_isas() {
+        g.bench_with_input(
+            BenchmarkId::new(isa_name(isa), "argmax_confidence_151936"),
+            &isa,
+            |b, &isa| {
+                b.iter(|| {
+                    dvl_kernels::softmax::ArgmaxPartial::of_isa(isa, &z, 0, Some(151_671)).finish()
+                })
+            },
+        );
+    }
     g.finish();
 }
 
-criterion_group!(benches, skinny, large, unmask);
+fn attention(c: &mut Criterion) {
+    use dvl_kernels::attention::{attention, AttnShape};
+    let mut g = c.benchmark_group("attention");
+    g.sample_size(10);
+    // (name, queries, keys, q heads, kv heads, head_dim, key range of query i)
+    type Range = fn(usize) -> (usize, usize);
+    let cases: [(&str, usize, usize, usize, usize, usize, Range); 4] = [
+        // Vision tower: 1024 patches, 16 heads of 80, full attention and 64-patch windows.
+        ("vision_full_1024", 1024, 1024, 16, 16, 80, |_| (0, 1024)),
+        ("vision_window64_1024", 1024, 1024, 16, 16, 80, |i| {
+            (i / 64 * 64, i / 64 * 64 + 64)
+        }),
+        // 3B text prefill: 288 prompt rows after a 736-row cache, block-causal (32), GQA 16/2.
+        ("text_prefill_288", 288, 1024, 16, 2, 128, |i| {
+            (0, ((736 + i) / 32 + 1) * 32)
+        }),
+        // One denoising step: an 8-row block over a 296-row cache.
+        ("denoise_step_8", 8, 304, 16, 2, 128, |_| (0, 304)),
+    ];
+    for (name, n_q, n_k, nh, nkv, hd, keys) in cases {
+        let q = data(n_q * nh * hd);
+        let k = data(n_k * nkv * hd);
+        let v: Vec<f32> = data(n_k * nkv * hd).iter().map(|x| x * 0.7).collect();
+        let mut out = vec![0f32; n_q * nh * hd];
+        let mut scores = vec![0f32; n_k];
+        let shape = AttnShape {
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+            q_stride: nh * hd,
+            kv_stride: nkv * hd,
+        };
+        let scale = 1.0 / (hd as f32).sqrt();
+        // Multiply-adds of Q·Kᵀ and P·V over the visible keys only.
+        let visible: usize = (0..n_q).map(|i| keys(i).1 - keys(i).0).sum();
+        g.throughput(Throughput::Elements((4 * visible * nh * hd) as u64));
+        for &isa in dvl_kernels::cpu::supported_isas() {
+            g.bench_with_input(BenchmarkId::new(isa_name(isa), name), &isa, |b, &isa| {
+                b.iter(|| {
+                    attention(
+                        isa,
+                        &q,
+                        n_q,
+                        &k,
+                        &v,
+                        &mut out,
+                        shape,
+                        scale,
+                        keys,
+                        &mut scores,
+                    )
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, skinny, large, unmask, attention);
 criterion_main!(benches);

@@ -42,6 +42,11 @@ fn check_matmul<W: WeightElem>(conv: impl Fn(f32) -> W, name: &str) {
         (9, 100, 33),
         (33, 17, 65),
         (64, 129, 7),
+        // Row chunks past the L2-sized chunk, k tails of every parity, model-like widths.
+        (300, 64, 48),
+        (41, 160, 70),
+        (19, 1176, 33),
+        (16, 95, 151),
         (0, 8, 8),
         (4, 0, 5),
     ];
@@ -187,6 +192,265 @@ fn attention_segments_match_reference() {
     }
 }
 
+fn rel_l2_err(a: &[f32], b: &[f32]) -> f64 {
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        num += (x as f64 - y as f64).powi(2);
+        den += (y as f64).powi(2);
+    }
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// One attention case against the reference on every ISA. `pad` adds unused floats to each
+/// q/out and k/v row (the engine's strided views); `amp` scales q (peaky softmax rows).
+#[allow(clippy::too_many_arguments)]
+fn check_attention(
+    name: &str,
+    n_q: usize,
+    n_k: usize,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    pad: usize,
+    amp: f32,
+    keys: impl Fn(usize) -> (usize, usize),
+) {
+    let (qs, ks) = (nh * hd, nkv * hd);
+    let seed = (n_q * 1000 + n_k * 10 + hd) as u64;
+    let q: Vec<f32> = rand_vec(n_q * qs, seed).iter().map(|x| x * amp).collect();
+    let k = rand_vec(n_k * ks, seed + 1);
+    let v = rand_vec(n_k * ks, seed + 2);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut want = vec![0f32; n_q * qs];
+    let visible = |i: usize, j: usize| {
+        let (lo, hi) = keys(i);
+        lo <= j && j < hi
+    };
+    reference::attention(&q, n_q, &k, &v, n_k, nh, nkv, hd, scale, visible, &mut want);
+    // Strided copies: row r of q at r·(qs + pad), of k/v at r·(ks + pad).
+    let strided = |x: &[f32], w: usize| -> Vec<f32> {
+        x.chunks(w)
+            .flat_map(|r| r.iter().copied().chain((0..pad).map(|p| 100.0 + p as f32)))
+            .collect()
+    };
+    let (qp, kp, vp) = (strided(&q, qs), strided(&k, ks), strided(&v, ks));
+    let shape = AttnShape {
+        n_heads: nh,
+        n_kv_heads: nkv,
+        head_dim: hd,
+        q_stride: qs + pad,
+        kv_stride: ks + pad,
+    };
+    let max_keys = (0..n_q).map(|i| keys(i).1 - keys(i).0).max().unwrap_or(0);
+    for isa in isas() {
+        let mut got = vec![f32::NAN; n_q * (qs + pad)];
+        let mut scratch = vec![0f32; max_keys];
+        let run = |got: &mut [f32], scratch: &mut [f32]| {
+            attention(isa, &qp, n_q, &kp, &vp, got, shape, scale, &keys, scratch)
+        };
+        run(&mut got, &mut scratch);
+        let heads: Vec<f32> = got
+            .chunks(qs + pad)
+            .flat_map(|r| r[..qs].iter().copied())
+            .collect();
+        assert!(
+            got.chunks(qs + pad)
+                .all(|r| r[qs..].iter().all(|x| x.is_nan())),
+            "{name} {isa:?}: wrote past the heads of a row"
+        );
+        let e = rel_l2_err(&heads, &want);
+        assert!(e <= 1e-5, "{name} {isa:?}: relative L2 error {e}");
+        // Rows without visible keys are exactly zero (a softmax over nothing).
+        for i in (0..n_q).filter(|&i| keys(i).0 == keys(i).1) {
+            assert!(
+                heads[i * qs..(i + 1) * qs].iter().all(|&x| x == 0.0),
+                "{name} {isa:?}: empty row {i} not zero"
+            );
+        }
+        // Deterministic: the same call gives the same bits.
+        let mut again = vec![f32::NAN; n_q * (qs + pad)];
+        run(&mut again, &mut scratch);
+        assert!(
+            got.iter()
+                .zip(&again)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{name} {isa:?}: not deterministic"
+        );
+    }
+}
+
+#[test]
+fn attention_full_ranges_with_odd_shapes() {
+    // Query counts around the 32-pair tile and head dims that are not vector multiples.
+    for n_q in [1usize, 2, 7, 33, 70] {
+        for (hd, n_k) in [(20usize, 50usize), (80, 37), (13, 9), (128, 100)] {
+            check_attention("full", n_q, n_k, 3, 3, hd, 0, 1.0, |_| (0, n_k));
+        }
+    }
+    // Keys past the visible ones exist but are not seen.
+    check_attention("offset", 33, 90, 2, 2, 20, 0, 1.0, |_| (17, 61));
+    // Strided rows (the engine's views into a fused qkv buffer).
+    check_attention("strided", 33, 47, 4, 2, 20, 5, 1.0, |_| (0, 47));
+}
+
+#[test]
+fn attention_segments_that_split_query_tiles() {
+    // Vision windows of uneven size: tiles of 32 queries straddle segment boundaries,
+    // including a one-key segment.
+    let bounds = [0usize, 13, 40, 41, 70, 100, 131];
+    let seg = move |i: usize| {
+        let s = bounds.iter().rposition(|&b| b <= i).unwrap();
+        (bounds[s], bounds[s + 1])
+    };
+    for hd in [20usize, 80] {
+        check_attention("segments", 131, 131, 4, 4, hd, 0, 2.0, seg);
+    }
+    // 64-key windows as in the vision tower, odd query count.
+    check_attention("windows", 70, 70, 2, 2, 80, 0, 1.0, |i| {
+        (i / 64 * 64, (i / 64 * 64 + 64).min(70))
+    });
+}
+
+#[test]
+fn attention_block_causal_gqa() {
+    // Text prefill: 70 new rows after a 37-row cache, block 8, GQA groups of 3 and 8.
+    let (cache, t, block) = (37usize, 70usize, 8usize);
+    let n_k = cache + t;
+    let keys = |i: usize| (0, n_k.min(((cache + i) / block + 1) * block));
+    check_attention("causal g3", t, n_k, 6, 2, 20, 0, 1.0, keys);
+    check_attention("causal g8", t, n_k, 16, 2, 24, 0, 1.0, keys);
+    // Denoise step: 8 rows over a cache, one kv head shared by 8 q heads; and 1 row.
+    check_attention("step", 8, 300, 16, 2, 128, 0, 1.0, |_| (0, 300));
+    check_attention("step1", 1, 300, 16, 2, 128, 0, 1.0, |_| (0, 300));
+}
+
+#[test]
+fn attention_long_ranges_use_online_softmax() {
+    // Ranges over 512 keys are processed in chunks with rescaling; peaky rows (amp) make a
+    // wrong rescale visible. Rows start and end in different chunks, so some rows see
+    // nothing in a whole chunk, and one sees only the last chunk.
+    let n_k = 1300;
+    check_attention("long full", 33, n_k, 2, 1, 20, 0, 4.0, |_| (0, n_k));
+    check_attention("long ragged", 40, n_k, 2, 2, 80, 0, 4.0, |i| {
+        if i == 39 {
+            (1100, 1300)
+        } else {
+            ((i * 37) % 600, n_k - i * 3)
+        }
+    });
+}
+
+#[test]
+fn attention_empty_ranges_give_zero_rows() {
+    // An empty range (lo == hi) gives a zero row, alone or inside a tile of non-empty rows.
+    check_attention("empty in tile", 33, 40, 2, 2, 20, 0, 1.0, |i| {
+        if i % 5 == 2 {
+            (i, i)
+        } else {
+            (0, 40)
+        }
+    });
+    // A whole tile of empty rows in a call that also has long ranges.
+    check_attention("empty tile", 70, 40, 2, 2, 20, 0, 1.0, |i| {
+        if i < 35 {
+            (3, 3)
+        } else {
+            (0, 40)
+        }
+    });
+    check_attention("all empty", 33, 40, 2, 2, 20, 0, 1.0, |_| (7, 7));
+    check_attention("no keys", 5, 0, 2, 2, 20, 0, 1.0, |_| (0, 0));
+}
+
+/// Attention over `n_q` rows computed in sub-calls of `chunk` rows (the engine's thread
+/// split), each sub-call seeing only its own rows.
+#[allow(clippy::too_many_arguments)]
+fn attention_in_chunks(
+    isa: Isa,
+    q: &[f32],
+    n_q: usize,
+    k: &[f32],
+    v: &[f32],
+    shape: AttnShape,
+    keys: &dyn Fn(usize) -> (usize, usize),
+    chunk: usize,
+) -> Vec<f32> {
+    let qs = shape.q_stride;
+    let mut out = vec![f32::NAN; n_q * qs];
+    let mut scratch = vec![0f32; k.len() / shape.kv_stride];
+    for r0 in (0..n_q).step_by(chunk) {
+        let rows = chunk.min(n_q - r0);
+        attention(
+            isa,
+            &q[r0 * qs..(r0 + rows) * qs],
+            rows,
+            k,
+            v,
+            &mut out[r0 * qs..(r0 + rows) * qs],
+            shape,
+            0.3,
+            |i| keys(r0 + i),
+            &mut scratch,
+        );
+    }
+    out
+}
+
+#[test]
+fn attention_rows_do_not_depend_on_the_split() {
+    // The engine splits query rows across threads. On the tiled path a row's result must be
+    // bit-identical whatever rows share its call: other tiles, another union of ranges, other
+    // chunk boundaries. Short segments and long ragged ranges (several online-softmax
+    // chunks, starting at different keys), GQA groups of 2 and plain heads.
+    let n_k = 1300;
+    let keys = |i: usize| {
+        if i < 30 {
+            (i / 9 * 9, i / 9 * 9 + 9)
+        } else {
+            ((i * 37) % 600, n_k - i * 3)
+        }
+    };
+    for (nh, nkv) in [(4usize, 2usize), (3, 3)] {
+        let (n_q, hd) = (70, 20);
+        let q = rand_vec(n_q * nh * hd, 41);
+        let k = rand_vec(n_k * nkv * hd, 42);
+        let v = rand_vec(n_k * nkv * hd, 43);
+        let shape = AttnShape {
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+            q_stride: nh * hd,
+            kv_stride: nkv * hd,
+        };
+        for isa in isas() {
+            let whole = attention_in_chunks(isa, &q, n_q, &k, &v, shape, &keys, n_q);
+            for chunk in [1usize, 2, 5, 13, 32, 33] {
+                // AVX2 and portable code send calls of fewer than 2 / 4 (query, head) pairs
+                // per kv head down the per-query path, which rounds differently.
+                let min_pairs = match isa {
+                    Isa::Avx512 => 1,
+                    Isa::Avx2 => 2,
+                    Isa::Portable => 4,
+                };
+                let smallest = chunk.min(match n_q % chunk {
+                    0 => chunk,
+                    r => r,
+                });
+                if smallest * (nh / nkv) < min_pairs {
+                    continue;
+                }
+                let split = attention_in_chunks(isa, &q, n_q, &k, &v, shape, &keys, chunk);
+                for (i, (a, b)) in whole.chunks(nh * hd).zip(split.chunks(nh * hd)).enumerate() {
+                    assert!(
+                        a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "{isa:?} {nh}/{nkv} heads, chunks of {chunk}: row {i} differs"
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn rms_norm_and_rope_against_closed_forms() {
     let x = [3.0f32, -4.0];
@@ -233,6 +497,41 @@ fn activations_match_closed_forms() {
     let mut t = [1.0f32];
     dvl_kernels::elementwise::gelu_tanh(&mut t);
     assert!((t[0] - 0.841_192).abs() < 1e-5);
+}
+
+#[test]
+fn unmasking_matches_f64_reference_on_every_isa() {
+    use dvl_kernels::softmax::ArgmaxPartial;
+    // Odd lengths (vector tails), wide logit ranges (exp underflow below −87), the excluded
+    // id in and out of the slice, a slice offset.
+    for (len, spread, seed) in [
+        (2usize, 1.0f32, 1u64),
+        (17, 5.0, 2),
+        (1000, 30.0, 3),
+        (151_936, 12.0, 4),
+        (4099, 200.0, 5),
+    ] {
+        let z: Vec<f32> = rand_vec(len, seed).iter().map(|v| v * spread).collect();
+        for never in [None, Some(100 + len / 2), Some(100)] {
+            let (zmax, mut best, mut best_v) =
+                (z.iter().cloned().fold(f32::MIN, f32::max), 0, f32::MIN);
+            for (i, &v) in z.iter().enumerate() {
+                if Some(i + 100) != never && v > best_v {
+                    (best, best_v) = (i, v);
+                }
+            }
+            let denom: f64 = z.iter().map(|&v| ((v - zmax) as f64).exp()).sum();
+            let want = (((best_v - zmax) as f64).exp() / denom) as f32;
+            for isa in isas() {
+                let (t, p) = ArgmaxPartial::of_isa(isa, &z, 100, never).finish();
+                assert_eq!(t, best + 100, "{isa:?} len {len} never {never:?}");
+                assert!(
+                    ((p - want) / want).abs() < 2e-6,
+                    "{isa:?} len {len}: {p} vs {want}"
+                );
+            }
+        }
+    }
 }
 
 #[test]
