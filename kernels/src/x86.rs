@@ -147,6 +147,156 @@ unsafe fn hsum16(v: &[__m512; 16]) -> [f32; 16] {
     out
 }
 
+/// bf16 weights on AVX-512: each 64-byte load holds 16 (even, odd) pairs of weights, and
+/// two integer ops widen them (`<< 16` gives the even ones, `& 0xffff0000` the odd ones)
+/// instead of a zero-extend shuffle and a shift per 16. The activations are pre-split into
+/// the same even/odd halves (`xd`, rows of `kp` = k rounded up to 32, zero-padded), so
+/// lane l of an accumulator sums the products of k ≡ 2l and 2l+1 (mod 32) in k order: a
+/// fixed order per output, whatever the tile shape or thread split.
+#[inline(always)]
+unsafe fn tile512_bf16<const MR: usize, const NR: usize>(
+    xd: *const f32,
+    kp: usize,
+    k: usize,
+    w: *const u16,
+    bias: Option<&[f32]>,
+    out: *mut f32,
+    ldo: usize,
+    j0: usize,
+) {
+    let mut acc = [[_mm512_setzero_ps(); NR]; MR];
+    let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
+    let full = k / 32 * 32;
+    let mut kk = 0;
+    while kk < full {
+        let mut we = [_mm512_setzero_ps(); NR];
+        let mut wo = [_mm512_setzero_ps(); NR];
+        for c in 0..NR {
+            _mm_prefetch::<_MM_HINT_T0>(w.add(c * k + kk + PREFETCH_ELEMS) as *const i8);
+            let v = _mm512_loadu_si512(w.add(c * k + kk) as *const _);
+            we[c] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+            wo[c] = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+        }
+        for r in 0..MR {
+            let xe = _mm512_loadu_ps(xd.add(r * kp + kk));
+            let xo = _mm512_loadu_ps(xd.add(r * kp + kk + 16));
+            for c in 0..NR {
+                acc[r][c] = _mm512_fmadd_ps(xe, we[c], acc[r][c]);
+                acc[r][c] = _mm512_fmadd_ps(xo, wo[c], acc[r][c]);
+            }
+        }
+        kk += 32;
+    }
+    if full < k {
+        let mask: __mmask32 = ((1u64 << (k - full)) - 1) as u32;
+        let mut we = [_mm512_setzero_ps(); NR];
+        let mut wo = [_mm512_setzero_ps(); NR];
+        for c in 0..NR {
+            let v = _mm512_maskz_loadu_epi16(mask, w.add(c * k + full) as *const i16);
+            we[c] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+            wo[c] = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+        }
+        for r in 0..MR {
+            let xe = _mm512_loadu_ps(xd.add(r * kp + full));
+            let xo = _mm512_loadu_ps(xd.add(r * kp + full + 16));
+            for c in 0..NR {
+                acc[r][c] = _mm512_fmadd_ps(xe, we[c], acc[r][c]);
+                acc[r][c] = _mm512_fmadd_ps(xo, wo[c], acc[r][c]);
+            }
+        }
+    }
+    let mut v = [_mm512_setzero_ps(); 16];
+    for r in 0..MR {
+        for c in 0..NR {
+            v[r * NR + c] = acc[r][c];
+        }
+    }
+    let sums = hsum16(&v);
+    for r in 0..MR {
+        for c in 0..NR {
+            let b = bias.map_or(0.0, |b| b[j0 + c]);
+            *out.add(r * ldo + c) = sums[r * NR + c] + b;
+        }
+    }
+}
+
+/// Split rows of `x` into the even/odd halves of each 32-wide k block (see
+/// [`tile512_bf16`]); rows of `kp` floats, zero past `k`.
+fn deinterleave_pairs<const BLOCK: usize>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    kp: usize,
+) -> alloc::vec::Vec<f32> {
+    let mut xd = alloc::vec![0f32; m * kp];
+    for r in 0..m {
+        let (src, dst) = (&x[r * k..(r + 1) * k], &mut xd[r * kp..(r + 1) * kp]);
+        for (t, &v) in src.iter().enumerate() {
+            let (blk, i) = (t / BLOCK, t % BLOCK);
+            dst[blk * BLOCK + (i & 1) * (BLOCK / 2) + i / 2] = v;
+        }
+    }
+    xd
+}
+
+/// [`tile512_bf16`] over the whole matrix: 8-row tiles (the denoising block) against 2
+/// weight rows, so each widened weight vector feeds 8 rows; fewer rows get more columns.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+unsafe fn matmul_bf16_avx512(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: *const u16,
+    n: usize,
+    bias: Option<&[f32]>,
+    out: *mut f32,
+    ldo: usize,
+) {
+    let kp = k.div_ceil(32) * 32;
+    let xd = deinterleave_pairs::<32>(x, m, k, kp);
+    let xp = xd.as_ptr();
+    // Rows in chunks that stay in L2 while every weight tile streams past them.
+    let m_chunk = (512 * 1024 / (kp * 4).max(1)).clamp(8, 256) / 8 * 8;
+    let mut c0 = 0;
+    while c0 < m {
+        let c1 = (c0 + m_chunk).min(m);
+        let mut j0 = 0;
+        while j0 < n {
+            let mut i0 = c0;
+            // Columns of this weight strip: as many as 16 accumulators allow for the
+            // strip's tallest tile (2 for 8 rows, 4 for up to 4 rows).
+            let strip = (16 / (c1 - c0).min(8)).min(4);
+            let nr = strip.min(n - j0);
+            let wp = w.add(j0 * k);
+            while i0 < c1 {
+                let mr = (c1 - i0).min(8);
+                let (xr, op) = (xp.add(i0 * kp), out.add(i0 * ldo + j0));
+                macro_rules! go {
+                    ($mr:literal, $($nr:literal),*) => {
+                        match nr {
+                            $($nr => tile512_bf16::<$mr, $nr>(xr, kp, k, wp, bias, op, ldo, j0),)*
+                            _ => unreachable!(),
+                        }
+                    };
+                }
+                match mr {
+                    8 => go!(8, 1, 2),
+                    7 => go!(7, 1, 2),
+                    6 => go!(6, 1, 2),
+                    5 => go!(5, 1, 2, 3),
+                    4 => go!(4, 1, 2, 3, 4),
+                    3 => go!(3, 1, 2, 3, 4),
+                    2 => go!(2, 1, 2, 3, 4),
+                    _ => go!(1, 1, 2, 3, 4),
+                }
+                i0 += mr;
+            }
+            j0 += nr;
+        }
+        c0 = c1;
+    }
+}
+
 macro_rules! dispatch_tiles {
     ($tile:ident, $W:ty, $mr_max:expr, $nr_max:expr, $x:expr, $m:expr, $k:expr, $w:expr, $n:expr, $bias:expr, $out:expr, $ldo:expr) => {{
         let (x, m, k, w, n, bias, out, ldo) = ($x, $m, $k, $w, $n, $bias, $out, $ldo);
@@ -205,6 +355,11 @@ pub unsafe fn matmul_avx512<W: WeightElem>(
     out: &mut [f32],
     ldo: usize,
 ) {
+    if W::KIND == WKind::BF16 {
+        // bf16 has its own widening trick (the checkpoints' weights are all bf16).
+        let w16 = w.as_ptr() as *const u16;
+        return matmul_bf16_avx512(x, m, k, w16, n, bias, out.as_mut_ptr(), ldo);
+    }
     dispatch_tiles!(
         tile512,
         W,
@@ -284,6 +439,122 @@ unsafe fn tile256<W: WeightElem, const MR: usize, const NR: usize>(
     }
 }
 
+/// One 16-weight block of [`tile256_bf16`]: widen the pairs, FMA into every row.
+#[inline(always)]
+unsafe fn pair_step256<const MR: usize, const NR: usize>(
+    acc: &mut [[__m256; NR]; MR],
+    xd: *const f32,
+    kp: usize,
+    kk: usize,
+    wv: [__m256i; NR],
+) {
+    let high = _mm256_set1_epi32(0xffff_0000u32 as i32);
+    let mut we = [_mm256_setzero_ps(); NR];
+    let mut wo = [_mm256_setzero_ps(); NR];
+    for c in 0..NR {
+        we[c] = _mm256_castsi256_ps(_mm256_slli_epi32(wv[c], 16));
+        wo[c] = _mm256_castsi256_ps(_mm256_and_si256(wv[c], high));
+    }
+    for r in 0..MR {
+        let xe = _mm256_loadu_ps(xd.add(r * kp + kk));
+        let xo = _mm256_loadu_ps(xd.add(r * kp + kk + 8));
+        for c in 0..NR {
+            acc[r][c] = _mm256_fmadd_ps(xe, we[c], acc[r][c]);
+            acc[r][c] = _mm256_fmadd_ps(xo, wo[c], acc[r][c]);
+        }
+    }
+}
+
+/// bf16 weights on AVX2: the pair trick of [`tile512_bf16`] with 16-weight blocks (lane l
+/// sums k ≡ 2l, 2l+1 mod 16), then one 8-lane tree per output.
+#[inline(always)]
+unsafe fn tile256_bf16<const MR: usize, const NR: usize>(
+    xd: *const f32,
+    kp: usize,
+    k: usize,
+    w: *const u16,
+    bias: Option<&[f32]>,
+    out: *mut f32,
+    ldo: usize,
+    j0: usize,
+) {
+    let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+    let full = k / 16 * 16;
+    let mut kk = 0;
+    while kk < full {
+        let mut wv = [_mm256_setzero_si256(); NR];
+        for c in 0..NR {
+            _mm_prefetch::<_MM_HINT_T0>(w.add(c * k + kk + PREFETCH_ELEMS) as *const i8);
+            wv[c] = _mm256_loadu_si256(w.add(c * k + kk) as *const __m256i);
+        }
+        pair_step256::<MR, NR>(&mut acc, xd, kp, kk, wv);
+        kk += 16;
+    }
+    if full < k {
+        // No 16-bit masked loads on AVX2: copy the tail, zero-padded.
+        let mut wv = [_mm256_setzero_si256(); NR];
+        for c in 0..NR {
+            let mut tail = [0u16; 16];
+            for t in full..k {
+                tail[t - full] = *w.add(c * k + t);
+            }
+            wv[c] = _mm256_loadu_si256(tail.as_ptr() as *const __m256i);
+        }
+        pair_step256::<MR, NR>(&mut acc, xd, kp, full, wv);
+    }
+    for r in 0..MR {
+        for c in 0..NR {
+            let b = bias.map_or(0.0, |b| b[j0 + c]);
+            *out.add(r * ldo + c) = hsum256(acc[r][c]) + b;
+        }
+    }
+}
+
+/// [`tile256_bf16`] over the whole matrix: 4-row tiles against 2 weight rows (16 ymm).
+#[target_feature(enable = "avx2,fma")]
+unsafe fn matmul_bf16_avx2(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: *const u16,
+    n: usize,
+    bias: Option<&[f32]>,
+    out: *mut f32,
+    ldo: usize,
+) {
+    let kp = k.div_ceil(16) * 16;
+    let xd = deinterleave_pairs::<16>(x, m, k, kp);
+    let xp = xd.as_ptr();
+    let m_chunk = (512 * 1024 / (kp * 4).max(1)).clamp(4, 256) / 4 * 4;
+    let mut c0 = 0;
+    while c0 < m {
+        let c1 = (c0 + m_chunk).min(m);
+        let mut j0 = 0;
+        while j0 < n {
+            let nr = 2.min(n - j0);
+            let wp = w.add(j0 * k);
+            let mut i0 = c0;
+            while i0 < c1 {
+                let mr = (c1 - i0).min(4);
+                let (xr, op) = (xp.add(i0 * kp), out.add(i0 * ldo + j0));
+                match (mr, nr) {
+                    (4, 2) => tile256_bf16::<4, 2>(xr, kp, k, wp, bias, op, ldo, j0),
+                    (4, _) => tile256_bf16::<4, 1>(xr, kp, k, wp, bias, op, ldo, j0),
+                    (3, 2) => tile256_bf16::<3, 2>(xr, kp, k, wp, bias, op, ldo, j0),
+                    (3, _) => tile256_bf16::<3, 1>(xr, kp, k, wp, bias, op, ldo, j0),
+                    (2, 2) => tile256_bf16::<2, 2>(xr, kp, k, wp, bias, op, ldo, j0),
+                    (2, _) => tile256_bf16::<2, 1>(xr, kp, k, wp, bias, op, ldo, j0),
+                    (_, 2) => tile256_bf16::<1, 2>(xr, kp, k, wp, bias, op, ldo, j0),
+                    _ => tile256_bf16::<1, 1>(xr, kp, k, wp, bias, op, ldo, j0),
+                }
+                i0 += mr;
+            }
+            j0 += nr;
+        }
+        c0 = c1;
+    }
+}
+
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C (checked by [`crate::cpu::detect_isa`]).
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -297,6 +568,10 @@ pub unsafe fn matmul_avx2<W: WeightElem>(
     out: &mut [f32],
     ldo: usize,
 ) {
+    if W::KIND == WKind::BF16 {
+        let w16 = w.as_ptr() as *const u16;
+        return matmul_bf16_avx2(x, m, k, w16, n, bias, out.as_mut_ptr(), ldo);
+    }
     // 16 ymm registers: 4×2 accumulators + 2 weights + 1 activation.
     dispatch_tiles!(
         tile256,
