@@ -212,6 +212,70 @@ fn matmul_any(
     }
 }
 
+/// An output pointer shared by threads that write disjoint columns.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: only used for writes to disjoint elements, joined before the borrow ends.
+#[cfg(target_arch = "x86_64")]
+unsafe impl Send for SharedOut {}
+#[cfg(target_arch = "x86_64")]
+unsafe impl Sync for SharedOut {}
+
+#[cfg(target_arch = "x86_64")]
+impl SharedOut {
+    /// A method, so closures capture the whole (Sync) wrapper rather than its pointer field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl CpuBackend {
+    /// AMX matmul: the activations are packed once, then each thread takes one range of
+    /// whole 32-row weight pairs, so the weights stream from memory once in all and every
+    /// output element goes through the same tile arithmetic whatever the thread count.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_amx(
+        &self,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        w: &[dvl_kernels::bf16],
+        n: usize,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
+        assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n);
+        let packed = dvl_kernels::amx::pack_activations(x, m, k);
+        let dst = SharedOut(out.as_mut_ptr());
+        let piece = n.div_ceil(self.threads()).next_multiple_of(32);
+        let run = |p: usize| {
+            let (n0, n1) = (p * piece, ((p + 1) * piece).min(n));
+            // SAFETY: AMX was granted (with_amx); w holds rows n0..n1, out holds m rows of
+            // n and this call alone writes its columns n0..n1.
+            unsafe {
+                dvl_kernels::amx::matmul_amx_bf16_packed(
+                    &packed,
+                    &w[n0 * k..n1 * k],
+                    n1 - n0,
+                    bias.map(|b| &b[n0..n1]),
+                    dst.get().add(n0),
+                    n,
+                )
+            }
+        };
+        let pieces = n.div_ceil(piece);
+        #[cfg(feature = "std")]
+        if let Some(pool) = &self.pool {
+            use rayon::prelude::*;
+            pool.install(|| (0..pieces).into_par_iter().for_each(run));
+            return;
+        }
+        (0..pieces).for_each(run);
+    }
+}
+
 /// `portable`, `avx2` or `avx512`.
 pub fn parse_isa(name: &str) -> Option<Isa> {
     match name {
@@ -233,12 +297,17 @@ impl Backend for CpuBackend {
         bias: Option<&[f32]>,
         out: &mut [f32],
     ) {
+        #[cfg(target_arch = "x86_64")]
+        if let (true, WData::BF16(ws)) = (self.amx && m >= AMX_MIN_ROWS, w) {
+            self.matmul_amx(x, m, k, ws, n, bias, out);
+            return;
+        }
         #[cfg(feature = "std")]
         if let Some(pool) = &self.pool {
             use rayon::prelude::*;
             let threads = pool.current_num_threads();
             let isa = self.isa;
-            let amx = self.amx && m >= AMX_MIN_ROWS;
+            let amx = false;
             if m * n * k >= 1 << 16 && m >= 16 * threads {
                 // Many rows (prefill, vision): split rows; each thread's outputs are contiguous.
                 let per = m.div_ceil(threads * 4).next_multiple_of(4);

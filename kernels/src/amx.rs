@@ -101,6 +101,9 @@ fn to_bf16_bits(v: f32) -> u16 {
 
 /// Rows of packed activations kept L2-resident while the weights stream past: about
 /// 1.5 MiB of bf16, in whole pairs of 16-row blocks. Larger chunks mean fewer passes over W.
+/// k blocks (of 32) per L1 slice of a weight-block pair.
+const KC_BLOCKS: usize = 8;
+
 fn m_chunk(kp: usize) -> usize {
     ((3 << 19) / (kp * 2)).clamp(64, 1024) / 32 * 32
 }
@@ -129,6 +132,53 @@ macro_rules! tile_zero {
     };
 }
 
+/// Activations rounded to bf16 and packed once into the VNNI pair layout of tile B, so
+/// that threads splitting the weight rows of one matmul share a single copy.
+///
+/// Block (mb, q) (16 rows × 32 k) holds, at u16 index r·32 + i·2 + e,
+/// x[16·mb + i][32·q + 2r + e], zero past m or k.
+pub struct PackedActs {
+    data: alloc::vec::Vec<u16>,
+    m: usize,
+    k: usize,
+}
+
+impl PackedActs {
+    /// Rows and columns of the activation matrix this packs.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.m, self.k)
+    }
+}
+
+/// Pack `x` (`m` rows of `k`) for [`matmul_amx_bf16_packed`]. Plain code (no AMX needed).
+pub fn pack_activations(x: &[f32], m: usize, k: usize) -> PackedActs {
+    assert!(
+        x.len() >= m * k,
+        "pack_activations: x holds {} < {m}×{k}",
+        x.len()
+    );
+    let kb = k.div_ceil(32);
+    let mblocks = m.div_ceil(16);
+    let mut data = alloc_zeroed(mblocks * kb * 512);
+    let mut row16 = alloc_zeroed(kb * 32);
+    for i in 0..m {
+        let (mb, mi) = (i / 16, i % 16);
+        for (d, &v) in row16.iter_mut().zip(&x[i * k..(i + 1) * k]) {
+            *d = to_bf16_bits(v);
+        }
+        // Pair r of k block q lands at u32 index (mb·kb + q)·256 + r·16 + mi.
+        for q in 0..kb {
+            let base = ((mb * kb + q) * 256 + mi) * 2;
+            let src = &row16[q * 32..q * 32 + 32];
+            for r in 0..16 {
+                data[base + r * 32] = src[2 * r];
+                data[base + r * 32 + 1] = src[2 * r + 1];
+            }
+        }
+    }
+    PackedActs { data, m, k }
+}
+
 /// `out[i·ldo + j] = Σ x[i·k + kk]·w[j·k + kk] + bias[j]`.
 ///
 /// # Safety
@@ -147,6 +197,36 @@ pub unsafe fn matmul_amx_bf16(
     if m == 0 || n == 0 {
         return;
     }
+    assert!(
+        out.len() >= (m - 1) * ldo + n && ldo >= n,
+        "matmul_amx_bf16: out too small"
+    );
+    let packed = pack_activations(x, m, k);
+    matmul_amx_bf16_packed(&packed, w, n, bias, out.as_mut_ptr(), ldo);
+}
+
+/// [`matmul_amx_bf16`] on activations packed by [`pack_activations`], writing `n` columns
+/// through `out` (row stride `ldo`): threads may each take a range of weight rows and write
+/// their own columns of one output matrix.
+///
+/// # Safety
+/// [`available`] must have returned true; `w` must hold `n` rows of `k`, `bias` (if any) `n`
+/// values, and `out` must be valid for writes at `i·ldo + j` for every row `i < m`, `j < n`,
+/// with no other thread writing those elements meanwhile.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn matmul_amx_bf16_packed(
+    packed: &PackedActs,
+    w: &[bf16],
+    n: usize,
+    bias: Option<&[f32]>,
+    out: *mut f32,
+    ldo: usize,
+) {
+    let (m, k) = (packed.m, packed.k);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(w.len() >= n * k, "matmul_amx_bf16_packed: w too small");
     let kb = k.div_ceil(32); // k blocks of 32
     let kp = kb * 32;
     let nb = n.div_ceil(16);
@@ -157,7 +237,7 @@ pub unsafe fn matmul_amx_bf16(
     // copied zero-padded: row stride 64 bytes for the k tail, kp·2 bytes for a short block.
     let w16: &[u16] = bytemuck_u16(w);
     let k_full = k / 32;
-    let mut k_tail = alloc_zeroed(nb * 16 * 32);
+    let mut k_tail = alloc_zeroed(if k_full < kb { nb * 16 * 32 } else { 0 });
     if k_full < kb {
         for j in 0..n {
             for t in k_full * 32..k {
@@ -185,83 +265,132 @@ pub unsafe fn matmul_amx_bf16(
     };
 
     let chunk = m_chunk(kp);
-    let mut packed = alloc_zeroed(chunk.min(m).div_ceil(16) * kb * 512);
-    let mut c = [[0f32; 256]; 4];
+    let b_tile = |mb: usize, q: usize| packed.data.as_ptr().add((mb * kb + q) * 512);
+    // C tiles of one weight-block pair over a row chunk, parked between k slices: slot
+    // (mb − mb0)·2 + db. Parking is exact (f32 out and back), so results do not depend on
+    // the slicing.
+    let mut cbuf = alloc::vec![0f32; chunk.div_ceil(16) * 2 * 256];
+    let cptr = cbuf.as_mut_ptr();
     let mut m0 = 0;
     while m0 < m {
         let mc = chunk.min(m - m0);
-        let mblocks = mc.div_ceil(16);
-        // Pack rows m0..m0+mc as VNNI tiles: block (mb, q) holds, at u16 index r·32 + i·2 + e,
-        // x[m0 + 16·mb + i][32·q + 2r + e] (zero past m or k).
-        packed[..mblocks * kb * 512].fill(0);
-        for i in 0..mc {
-            let (mb, mi) = (i / 16, i % 16);
-            let row = &x[(m0 + i) * k..(m0 + i + 1) * k];
-            for (t, &v) in row.iter().enumerate() {
-                let (q, kk) = (t / 32, t % 32);
-                packed[(mb * kb + q) * 512 + (kk / 2) * 32 + mi * 2 + (kk & 1)] = to_bf16_bits(v);
-            }
-        }
-        let b_tile = |mb: usize, q: usize| packed.as_ptr().add((mb * kb + q) * 512);
+        let (mb0, mblocks) = (m0 / 16, mc.div_ceil(16));
+        let mb_end = mb0 + mblocks;
         let mut b = 0;
         while b < nb {
             let two_n = b + 1 < nb;
-            let mut mb = 0;
-            while mb < mblocks {
-                let two_m = mb + 1 < mblocks;
-                tile_zero!("0");
-                tile_zero!("1");
-                tile_zero!("2");
-                tile_zero!("3");
-                for q in 0..kb {
-                    let (a0, sa0) = a_tile(b, q);
-                    tile_load!("4", a0, sa0);
-                    tile_load!("6", b_tile(mb, q), 64usize);
-                    tile_dp!("0", "4", "6");
-                    if two_m {
-                        tile_load!("7", b_tile(mb + 1, q), 64usize);
-                        tile_dp!("1", "4", "7");
-                    }
-                    if two_n {
-                        let (a1, sa1) = a_tile(b + 1, q);
-                        tile_load!("5", a1, sa1);
-                        tile_dp!("2", "5", "6");
+            // k slices of KC_BLOCKS·32: the weight-block pair's slice (32 rows × 512 bytes)
+            // stays in L1 while every row block of the chunk passes over it, so the weights
+            // are read from L2 once per row chunk rather than once per row-block pair.
+            let mut q0 = 0;
+            while q0 < kb {
+                let q1 = (q0 + KC_BLOCKS).min(kb);
+                // Prefetch the next weight slice (its 64-byte rows) while this one is in
+                // use, spread over the slice's tile steps, so the first row-block pair of
+                // the next slice does not wait on memory.
+                let (pf_b, pf_q) = if q1 < kb { (b, q1) } else { (b + 2, 0) };
+                let pf_rows = if pf_b >= nb {
+                    0
+                } else if pf_b + 1 < nb {
+                    32
+                } else {
+                    16
+                };
+                let pf_kc = KC_BLOCKS.min(kb - pf_q);
+                let pf_total = pf_rows * pf_kc;
+                let pf_per_step = pf_total.div_ceil((q1 - q0) * mblocks.div_ceil(2));
+                let mut pf = 0;
+                let mut mb = mb0;
+                while mb < mb_end {
+                    let two_m = mb + 1 < mb_end;
+                    let slot = |dm: usize, db: usize| cptr.add(((mb - mb0 + dm) * 2 + db) * 256);
+                    if q0 == 0 {
+                        tile_zero!("0");
+                        tile_zero!("1");
+                        tile_zero!("2");
+                        tile_zero!("3");
+                    } else {
+                        tile_load!("0", slot(0, 0), 64usize);
                         if two_m {
-                            tile_dp!("3", "5", "7");
+                            tile_load!("1", slot(1, 0), 64usize);
+                        }
+                        if two_n {
+                            tile_load!("2", slot(0, 1), 64usize);
+                            if two_m {
+                                tile_load!("3", slot(1, 1), 64usize);
+                            }
                         }
                     }
-                }
-                tile_store!("0", c[0].as_mut_ptr(), 64usize);
-                tile_store!("1", c[1].as_mut_ptr(), 64usize);
-                tile_store!("2", c[2].as_mut_ptr(), 64usize);
-                tile_store!("3", c[3].as_mut_ptr(), 64usize);
-                // C tile t: rows = 16 weight rows (outputs j), columns = 16 activation rows.
-                // Transpose on the way out: one 16-lane gather per activation row, then the
-                // bias and a (masked) contiguous store of 16 outputs.
-                for (t, (db, dm)) in [(0, 0), (0, 1), (1, 0), (1, 1)].into_iter().enumerate() {
-                    if (db == 1 && !two_n) || (dm == 1 && !two_m) {
-                        continue;
+                    for q in q0..q1 {
+                        for _ in 0..pf_per_step {
+                            if pf < pf_total {
+                                let (row, qq) = (pf / pf_kc, pf % pf_kc);
+                                let (p, st) = a_tile(pf_b + row / 16, pf_q + qq);
+                                let line = (p as *const u8).add((row % 16) * st);
+                                _mm_prefetch::<_MM_HINT_T0>(line as *const i8);
+                                pf += 1;
+                            }
+                        }
+                        let (a0, sa0) = a_tile(b, q);
+                        tile_load!("4", a0, sa0);
+                        tile_load!("6", b_tile(mb, q), 64usize);
+                        tile_dp!("0", "4", "6");
+                        if two_m {
+                            tile_load!("7", b_tile(mb + 1, q), 64usize);
+                            tile_dp!("1", "4", "7");
+                        }
+                        if two_n {
+                            let (a1, sa1) = a_tile(b + 1, q);
+                            tile_load!("5", a1, sa1);
+                            tile_dp!("2", "5", "6");
+                            if two_m {
+                                tile_dp!("3", "5", "7");
+                            }
+                        }
                     }
-                    let j0 = (b + db) * 16;
-                    let nvalid = (n - j0).min(16);
-                    let jmask: u16 = if nvalid == 16 {
-                        0xffff
-                    } else {
-                        ((1u32 << nvalid) - 1) as u16
-                    };
-                    let bias_v = match bias {
-                        Some(bb) => _mm512_maskz_loadu_ps(jmask, bb.as_ptr().add(j0)),
-                        None => _mm512_setzero_ps(),
-                    };
-                    let i_base = (mb + dm) * 16;
-                    let mvalid = mc.saturating_sub(i_base).min(16);
-                    for ir in 0..mvalid {
-                        let col = _mm512_i32gather_ps::<4>(column_index(ir), c[t].as_ptr());
-                        let dst = out.as_mut_ptr().add((m0 + i_base + ir) * ldo + j0);
+                    tile_store!("0", slot(0, 0), 64usize);
+                    if two_m {
+                        tile_store!("1", slot(1, 0), 64usize);
+                    }
+                    if two_n {
+                        tile_store!("2", slot(0, 1), 64usize);
+                        if two_m {
+                            tile_store!("3", slot(1, 1), 64usize);
+                        }
+                    }
+                    mb += if two_m { 2 } else { 1 };
+                }
+                q0 = q1;
+            }
+            // Parked C tile: rows = 16 weight rows (outputs j), columns = 16 activation
+            // rows. Transpose on the way out: one 16-lane gather per activation row, then
+            // the bias and a (masked) contiguous store of 16 outputs.
+            for db in 0..if two_n { 2 } else { 1 } {
+                let j0 = (b + db) * 16;
+                let nvalid = (n - j0).min(16);
+                let jmask: u16 = if nvalid == 16 {
+                    0xffff
+                } else {
+                    ((1u32 << nvalid) - 1) as u16
+                };
+                let bias_v = match bias {
+                    Some(bb) => _mm512_maskz_loadu_ps(jmask, bb.as_ptr().add(j0)),
+                    None => _mm512_setzero_ps(),
+                };
+                for mb in mb0..mb_end {
+                    let tile = cptr.add(((mb - mb0) * 2 + db) * 256);
+                    let mut rows = [_mm512_setzero_ps(); 16];
+                    for (r, v) in rows.iter_mut().enumerate() {
+                        *v = _mm512_loadu_ps(tile.add(r * 16));
+                    }
+                    transpose16(&mut rows);
+                    let i_base = mb * 16;
+                    let mvalid = m.saturating_sub(i_base).min(16);
+                    for (ir, &col) in rows.iter().enumerate().take(mvalid) {
+                        let dst = out.add((i_base + ir) * ldo + j0);
                         _mm512_mask_storeu_ps(dst, jmask, _mm512_add_ps(col, bias_v));
                     }
                 }
-                mb += if two_m { 2 } else { 1 };
             }
             b += if two_n { 2 } else { 1 };
         }
@@ -270,15 +399,35 @@ pub unsafe fn matmul_amx_bf16(
     asm!("tilerelease", options(nostack, nomem));
 }
 
-/// Lane l reads element [l][ir] of a 16×16 row-major f32 tile.
+/// In-register transpose of a 16×16 f32 tile (64 shuffles; 16 gathers cost about twice
+/// that): 32-bit then 64-bit interleaves inside 128-bit lanes, then two rounds of 128-bit
+/// lane shuffles.
 #[inline(always)]
-unsafe fn column_index(ir: usize) -> __m512i {
-    _mm512_add_epi32(
-        _mm512_setr_epi32(
-            0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240,
-        ),
-        _mm512_set1_epi32(ir as i32),
-    )
+unsafe fn transpose16(r: &mut [__m512; 16]) {
+    let mut t = [_mm512_setzero_ps(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for g in 0..4 {
+        let (a, b, c, d) = (t[4 * g], t[4 * g + 1], t[4 * g + 2], t[4 * g + 3]);
+        let pd = _mm512_castps_pd;
+        r[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(a), pd(c)));
+        r[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(a), pd(c)));
+        r[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(b), pd(d)));
+        r[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(b), pd(d)));
+    }
+    for h in 0..2 {
+        for i in 0..4 {
+            let (a, b) = (r[8 * h + i], r[8 * h + 4 + i]);
+            t[8 * h + i] = _mm512_shuffle_f32x4::<0x88>(a, b);
+            t[8 * h + 4 + i] = _mm512_shuffle_f32x4::<0xdd>(a, b);
+        }
+    }
+    for i in 0..8 {
+        r[i] = _mm512_shuffle_f32x4::<0x88>(t[i], t[8 + i]);
+        r[8 + i] = _mm512_shuffle_f32x4::<0xdd>(t[i], t[8 + i]);
+    }
 }
 
 fn bytemuck_u16(w: &[bf16]) -> &[u16] {
