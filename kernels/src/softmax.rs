@@ -158,7 +158,59 @@ impl ArgmaxPartial {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 unsafe fn partial_avx512(z: &[f32], offset: usize, never: Option<usize>) -> ArgmaxPartial {
-    partial_body(z, offset, never)
+    partial_with(z, offset, never, |z, m| sum_exp_avx512(z, m))
+}
+
+/// Σ exp(zᵢ − m) with [`crate::math::exp_f32`]'s algorithm in explicit AVX-512 FMAs (LLVM
+/// keeps the portable version's multiplies and adds apart, which doubles its work): about
+/// 3× faster; rounding differs from the portable sum in the last bits. Same chunking: f32
+/// lanes per 256 values, chunk sums added in f64.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn sum_exp_avx512(z: &[f32], m: f32) -> f64 {
+    use core::arch::x86_64::*;
+    let c = |v: f32| _mm512_set1_ps(v);
+    let (lo_clamp, hi_clamp) = (c(-87.3), c(88.7));
+    let (log2e, round) = (c(core::f32::consts::LOG2_E), c(12_582_912.0));
+    let (ln2_hi, ln2_lo) = (c(0.693_359_4), c(-2.121_944_4e-4));
+    let bias = _mm512_set1_epi32(127 - 0x4b40_0000);
+    let mv = c(m);
+    let exp16 = |x: __m512| {
+        let xc = _mm512_min_ps(_mm512_max_ps(x, lo_clamp), hi_clamp);
+        let t = _mm512_fmadd_ps(xc, log2e, round);
+        let n = _mm512_sub_ps(t, round);
+        let r = _mm512_fnmadd_ps(n, ln2_hi, xc);
+        let r = _mm512_fnmadd_ps(n, ln2_lo, r);
+        let mut p = c(1.987_569_1e-4);
+        p = _mm512_fmadd_ps(p, r, c(1.398_199_9e-3));
+        p = _mm512_fmadd_ps(p, r, c(8.333_452e-3));
+        p = _mm512_fmadd_ps(p, r, c(4.166_579_6e-2));
+        p = _mm512_fmadd_ps(p, r, c(1.666_666_5e-1));
+        p = _mm512_fmadd_ps(p, r, c(0.5));
+        let e = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), c(1.0));
+        let scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(t), bias), 23);
+        let v = _mm512_mul_ps(e, _mm512_castsi512_ps(scale));
+        // Below the clamp the true value underflows: 0, as exp_f32 gives.
+        let under = _mm512_cmp_ps_mask(x, lo_clamp, _CMP_LT_OQ);
+        _mm512_mask_blend_ps(under, v, _mm512_setzero_ps())
+    };
+    let mut sum = 0f64;
+    for chunk in z.chunks(256) {
+        let mut acc = _mm512_setzero_ps();
+        let mut it = chunk.chunks_exact(16);
+        for v in &mut it {
+            let x = _mm512_sub_ps(_mm512_loadu_ps(v.as_ptr()), mv);
+            acc = _mm512_add_ps(acc, exp16(x));
+        }
+        let rest = it.remainder();
+        if !rest.is_empty() {
+            let mask: __mmask16 = ((1u32 << rest.len()) - 1) as u16;
+            let x = _mm512_sub_ps(_mm512_maskz_loadu_ps(mask, rest.as_ptr()), mv);
+            acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(mask, exp16(x)));
+        }
+        sum += _mm512_reduce_add_ps(acc) as f64;
+    }
+    sum
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -169,18 +221,12 @@ unsafe fn partial_avx2(z: &[f32], offset: usize, never: Option<usize>) -> Argmax
 
 #[inline(always)]
 fn partial_body(z: &[f32], offset: usize, never: Option<usize>) -> ArgmaxPartial {
-    if z.is_empty() {
-        return ArgmaxPartial::EMPTY;
-    }
-    let local_never = never
-        .and_then(|n| n.checked_sub(offset))
-        .filter(|&n| n < z.len());
-    let m = max_of(z);
-    let bv = match local_never {
-        Some(nv) => max_of(&z[..nv]).max(max_of(&z[nv + 1..])),
-        None => m,
-    };
-    let best = first_index_of(z, bv, local_never);
+    partial_with(z, offset, never, sum_exp_lanes)
+}
+
+/// Σ exp(zᵢ − m): 16 f32 lanes per 256 values (vectorisable), chunk sums added in f64.
+#[inline(always)]
+fn sum_exp_lanes(z: &[f32], m: f32) -> f64 {
     let mut sum = 0f64;
     for chunk in z.chunks(256) {
         let mut lanes = [0f32; 16];
@@ -202,6 +248,29 @@ fn partial_body(z: &[f32], offset: usize, never: Option<usize>) -> ArgmaxPartial
             + ((half[1] + half[5]) + (half[3] + half[7])) as f64
             + s as f64;
     }
+    sum
+}
+
+#[inline(always)]
+fn partial_with(
+    z: &[f32],
+    offset: usize,
+    never: Option<usize>,
+    sum_exp: impl Fn(&[f32], f32) -> f64,
+) -> ArgmaxPartial {
+    if z.is_empty() {
+        return ArgmaxPartial::EMPTY;
+    }
+    let local_never = never
+        .and_then(|n| n.checked_sub(offset))
+        .filter(|&n| n < z.len());
+    let m = max_of(z);
+    let bv = match local_never {
+        Some(nv) => max_of(&z[..nv]).max(max_of(&z[nv + 1..])),
+        None => m,
+    };
+    let best = first_index_of(z, bv, local_never);
+    let sum = sum_exp(z, m);
     ArgmaxPartial {
         max: m,
         best: bv,
