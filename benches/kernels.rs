@@ -32,6 +32,8 @@ fn skinny(c: &mut Criterion) {
         (8, 64, 151936),
         // L2-resident weights: the kernel's compute rate without memory stalls.
         (8, 1024, 256),
+        // 268 MB: streams from DRAM whatever the L3 (the step's real regime).
+        (8, 4096, 32768),
     ] {
         let x = data(m * k);
         let w: Vec<bf16> = data(n * k).into_iter().map(bf16::from_f32).collect();
@@ -43,6 +45,15 @@ fn skinny(c: &mut Criterion) {
                 &isa,
                 |b, &isa| b.iter(|| matmul(isa, &x, m, k, &w, n, None, &mut out, n)),
             );
+        }
+        #[cfg(target_arch = "x86_64")]
+        if dvl_kernels::cpu::has_avx512_bf16() {
+            g.bench_function(BenchmarkId::new("dpbf16", format!("{m}x{k}x{n}")), |b| {
+                // SAFETY: has_avx512_bf16() checked CPU and OS support; shapes match.
+                b.iter(|| unsafe {
+                    dvl_kernels::dpbf16::matmul_dpbf16(&x, m, k, &w, n, None, &mut out, n)
+                })
+            });
         }
     }
     g.finish();

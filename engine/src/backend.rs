@@ -79,8 +79,10 @@ pub trait Backend: Sync {
 /// The CPU backend.
 pub struct CpuBackend {
     isa: Isa,
-    /// Use AMX tiles (activations rounded to bf16) for bf16 matmuls of many rows.
+    /// bf16 matmul inputs (see [`CpuBackend::with_bf16`]) on AMX tiles...
     amx: bool,
+    /// ...or, on CPUs without AMX, with `vdpbf16ps` dot products.
+    dpbf16: bool,
     #[cfg(feature = "std")]
     pool: Option<rayon::ThreadPool>,
 }
@@ -88,11 +90,12 @@ pub struct CpuBackend {
 impl CpuBackend {
     /// Single-threaded backend with the best ISA this CPU supports. Under std the
     /// environment can override: `DVL_ISA` (`portable`, `avx2`, `avx512`) lowers the ISA,
-    /// `DVL_AMX=1` turns on [`CpuBackend::with_amx`].
+    /// `DVL_BF16=1` (or the older `DVL_AMX=1`) turns on [`CpuBackend::with_bf16`].
     pub fn single_threaded() -> Self {
         let be = CpuBackend {
             isa: dvl_kernels::cpu::detect_isa(),
             amx: false,
+            dpbf16: false,
             #[cfg(feature = "std")]
             pool: None,
         };
@@ -102,8 +105,11 @@ impl CpuBackend {
             if let Some(isa) = std::env::var("DVL_ISA").ok().and_then(|v| parse_isa(&v)) {
                 be = be.with_isa(isa);
             }
-            if std::env::var("DVL_AMX").is_ok_and(|v| v == "1") {
-                be = be.with_amx(true);
+            if ["DVL_BF16", "DVL_AMX"]
+                .iter()
+                .any(|k| std::env::var(k).is_ok_and(|v| v == "1"))
+            {
+                be = be.with_bf16(true);
             }
             be
         }
@@ -143,18 +149,26 @@ impl CpuBackend {
         if dvl_kernels::cpu::supported_isas().contains(&isa) {
             self.isa = isa;
         }
+        if self.isa != Isa::Avx512 {
+            // The bf16 kernels are AVX-512 code.
+            self.amx = false;
+            self.dpbf16 = false;
+        }
         self
     }
 
-    /// Run bf16 matmuls of at least [`AMX_MIN_ROWS`] rows (prefill, vision) on AMX tiles
-    /// when the CPU and OS allow it. Their activations are rounded to bf16 (f32
-    /// accumulation), which moves hidden states by ~1e-3 relative: the fixtures' "bf16
-    /// matmul inputs" numerics, under which every golden trace is unchanged. Returns
-    /// whether AMX is now in use.
-    pub fn with_amx(mut self, on: bool) -> Self {
+    /// bf16 matmul inputs: activations are rounded to bf16 (f32 accumulation) for every
+    /// matmul against bf16 weights, which moves hidden states by ~1e-3 relative — the
+    /// fixtures' "bf16 matmul inputs" numerics, under which every golden trace is unchanged
+    /// (the default f32 path matches the float64 references to 1e-7). The matmuls run on
+    /// AMX tiles where the CPU and OS grant them, otherwise on AVX512_BF16 dot products;
+    /// where neither exists the f32 kernels stay. [`CpuBackend::bf16`] tells what is in use.
+    pub fn with_bf16(mut self, on: bool) -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            self.amx = on && self.isa == Isa::Avx512 && dvl_kernels::amx::available();
+            let avx512 = self.isa == Isa::Avx512;
+            self.amx = on && avx512 && dvl_kernels::amx::available();
+            self.dpbf16 = on && avx512 && !self.amx && dvl_kernels::cpu::has_avx512_bf16();
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -163,8 +177,41 @@ impl CpuBackend {
         self
     }
 
+    /// The earlier name of [`CpuBackend::with_bf16`].
+    pub fn with_amx(self, on: bool) -> Self {
+        self.with_bf16(on)
+    }
+
+    /// Whether AMX tiles are in use (bf16 mode on a CPU with AMX).
     pub fn amx(&self) -> bool {
         self.amx
+    }
+
+    fn bf16_kernel(&self) -> Bf16Kernel {
+        if self.amx {
+            Bf16Kernel::Amx
+        } else if self.dpbf16 {
+            Bf16Kernel::Dot
+        } else {
+            Bf16Kernel::F32
+        }
+    }
+
+    /// Whether any matmul runs with bf16 inputs.
+    pub fn bf16(&self) -> bool {
+        self.amx || self.dpbf16
+    }
+
+    /// Kernel set in words, e.g. `Avx512+AMX+BF16`.
+    pub fn describe(&self) -> String {
+        let mut d = format!("{:?}", self.isa);
+        if self.amx {
+            d.push_str("+AMX");
+        }
+        if self.dpbf16 {
+            d.push_str("+BF16");
+        }
+        d
     }
 
     pub fn isa(&self) -> Isa {
@@ -180,15 +227,25 @@ impl CpuBackend {
     }
 }
 
-/// Matmuls of at least this many rows may use AMX.
-pub const AMX_MIN_ROWS: usize = 32;
+/// The kernel family for bf16 weights, decided per backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Bf16Kernel {
+    /// f32 activations, weights widened in registers (exact to f32 rounding).
+    F32,
+    /// bf16-rounded activations on AMX tiles.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Amx,
+    /// bf16-rounded activations with `vdpbf16ps`.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Dot,
+}
 
-/// Columns `n0..n1` of `x · Wᵀ`, with the kernel chosen for the whole call (`amx` is decided
-/// on the call's total rows, so thread splits never change which kernel a row gets).
+/// Columns `n0..n1` of `x · Wᵀ`, with the kernel chosen per backend (never per split, so
+/// thread splits never change which kernel a row gets).
 #[allow(clippy::too_many_arguments)]
 fn matmul_any(
     isa: Isa,
-    amx: bool,
+    bf16: Bf16Kernel,
     x: &[f32],
     m: usize,
     k: usize,
@@ -202,8 +259,14 @@ fn matmul_any(
     let b = bias.map(|b| &b[n0..n1]);
     match w {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `amx` is only set after amx::available(); shapes are checked by callers.
-        WData::BF16(s) if amx => unsafe {
+        // SAFETY: `Dot` is only chosen after cpu::has_avx512_bf16(); shapes are checked by
+        // callers (and asserted by the kernel).
+        WData::BF16(s) if bf16 == Bf16Kernel::Dot => unsafe {
+            dvl_kernels::dpbf16::matmul_dpbf16(x, m, k, &s[n0 * k..n1 * k], n1 - n0, b, out, ldo)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Amx` is only chosen after amx::available(); shapes as above.
+        WData::BF16(s) if bf16 == Bf16Kernel::Amx => unsafe {
             dvl_kernels::amx::matmul_amx_bf16(x, m, k, &s[n0 * k..n1 * k], n1 - n0, b, out, ldo)
         },
         WData::BF16(s) => matmul(isa, x, m, k, &s[n0 * k..n1 * k], n1 - n0, b, out, ldo),
@@ -298,7 +361,7 @@ impl Backend for CpuBackend {
         out: &mut [f32],
     ) {
         #[cfg(target_arch = "x86_64")]
-        if let (true, WData::BF16(ws)) = (self.amx && m >= AMX_MIN_ROWS, w) {
+        if let (true, WData::BF16(ws)) = (self.amx, w) {
             self.matmul_amx(x, m, k, ws, n, bias, out);
             return;
         }
@@ -307,7 +370,7 @@ impl Backend for CpuBackend {
             use rayon::prelude::*;
             let threads = pool.current_num_threads();
             let isa = self.isa;
-            let amx = false;
+            let bf16 = self.bf16_kernel();
             if m * n * k >= 1 << 16 && m >= 16 * threads {
                 // Many rows (prefill, vision): split rows; each thread's outputs are contiguous.
                 let per = m.div_ceil(threads * 4).next_multiple_of(4);
@@ -318,7 +381,7 @@ impl Backend for CpuBackend {
                         .for_each(|(c, o)| {
                             let rows = o.len() / n;
                             let xs = &x[c * per * k..(c * per + rows) * k];
-                            matmul_any(isa, amx, xs, rows, k, w, 0, n, bias, o, n);
+                            matmul_any(isa, bf16, xs, rows, k, w, 0, n, bias, o, n);
                         })
                 });
                 return;
@@ -333,7 +396,7 @@ impl Backend for CpuBackend {
                         .map(|p| {
                             let (n0, n1) = (p * chunk, ((p + 1) * chunk).min(n));
                             let mut buf = vec![0f32; m * (n1 - n0)];
-                            matmul_any(isa, amx, x, m, k, w, n0, n1, bias, &mut buf, n1 - n0);
+                            matmul_any(isa, bf16, x, m, k, w, n0, n1, bias, &mut buf, n1 - n0);
                             (n0, buf)
                         })
                         .collect()
@@ -348,19 +411,7 @@ impl Backend for CpuBackend {
                 return;
             }
         }
-        matmul_any(
-            self.isa,
-            self.amx && m >= AMX_MIN_ROWS,
-            x,
-            m,
-            k,
-            w,
-            0,
-            n,
-            bias,
-            out,
-            n,
-        );
+        matmul_any(self.isa, self.bf16_kernel(), x, m, k, w, 0, n, bias, out, n);
     }
 
     fn logits_argmax(
@@ -375,11 +426,11 @@ impl Backend for CpuBackend {
         use dvl_kernels::softmax::ArgmaxPartial;
         // Vocabulary slices small enough that their logits stay in L2.
         const CHUNK: usize = 2048;
-        let isa = self.isa;
+        let (isa, bf16) = (self.isa, self.bf16_kernel());
         let slice = |c: usize| -> Vec<ArgmaxPartial> {
             let (n0, n1) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
             let mut z = vec![0f32; rows * (n1 - n0)];
-            matmul_any(isa, false, hn, rows, k, w, n0, n1, None, &mut z, n1 - n0);
+            matmul_any(isa, bf16, hn, rows, k, w, n0, n1, None, &mut z, n1 - n0);
             z.chunks_exact(n1 - n0)
                 .map(|zr| ArgmaxPartial::of_isa(isa, zr, n0, never))
                 .collect()

@@ -154,11 +154,7 @@ pub fn run(engine: &Engine, be: &CpuBackend, cfg: &BenchConfig) -> Result<BenchR
     let mut res = BenchResult {
         lm_weight_bytes: model.lm_weight_bytes(),
         threads: be.threads(),
-        isa: if be.amx() {
-            format!("{:?}+AMX", be.isa())
-        } else {
-            format!("{:?}", be.isa())
-        },
+        isa: be.describe(),
         ..Default::default()
     };
     let store = &model.store;

@@ -268,7 +268,26 @@ fn check_case(
             let (_, my_idx) = &probes.0["first_step_logits_top64_indices"];
             let (_, my_vals) = &probes.0["first_step_logits_top64_values"];
             for r in 0..vals.len() / 64 {
-                if idx[r * 64..r * 64 + 4] != my_idx[r * 64..r * 64 + 4] {
+                let (gi, gv) = (&idx[r * 64..(r + 1) * 64], &vals[r * 64..(r + 1) * 64]);
+                let mi = &my_idx[r * 64..r * 64 + 4];
+                if amx {
+                    // fixtures README §6: with bf16 inputs the top index is exact and near-equal
+                    // later ranks may swap: an id in another rank of the top 4 must have a
+                    // golden value within the bf16 tolerance of the one it displaced.
+                    let scale = gv[0].abs().max(1.0);
+                    for (rank, &id) in mi.iter().enumerate() {
+                        let ok = if rank == 0 {
+                            id == gi[0]
+                        } else {
+                            gi.iter()
+                                .position(|&g| g == id)
+                                .is_some_and(|g| (gv[g] - gv[rank]).abs() <= 2.0 * tol * scale)
+                        };
+                        if !ok {
+                            errs.push(format!("{tag}: logit id at rank {rank} of row {r} differs"));
+                        }
+                    }
+                } else if gi[..4] != *mi {
                     errs.push(format!("{tag}: top-4 logit ids of row {r} differ"));
                 }
                 let e = rel_l2(&my_vals[r * 64..r * 64 + 4], &vals[r * 64..r * 64 + 4]);
@@ -318,7 +337,7 @@ fn every_golden_case_matches_from_fixture_pixels() {
 /// With AMX tiles (bf16-rounded matmul inputs) for prefill and vision: the same traces, probes
 /// within the bf16 tolerance. Skipped where the CPU or OS has no AMX.
 #[test]
-fn every_golden_case_matches_with_amx() {
+fn every_golden_case_matches_with_bf16_inputs() {
     if !CpuBackend::single_threaded().with_amx(true).amx() {
         eprintln!("AMX not available: skipped");
         return;

@@ -276,23 +276,32 @@ fn results_do_not_depend_on_the_thread_count() {
         gen_length: 16,
         ..Default::default()
     };
-    let run = |threads| {
-        let be = dvl::CpuBackend::with_threads(threads).unwrap();
-        let mut k = Keep(Vec::new());
-        let g = e.generate(&be, &req, &p, &mut k).unwrap();
-        (g.output.ids, k.0)
-    };
-    let one = run(1);
-    assert!(!one.1.is_empty());
-    for t in [2, 3] {
-        let other = run(t);
-        assert_eq!(one.0, other.0, "{t} threads: ids");
-        for ((n1, v1), (n2, v2)) in one.1.iter().zip(&other.1) {
-            assert_eq!(n1, n2);
-            assert!(
-                v1.iter().zip(v2).all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{t} threads: {n1} differs"
-            );
+    // Both numerics: f32 and, where the CPU has AMX or AVX512_BF16, bf16 matmul inputs.
+    for bf16 in [false, true] {
+        let run = |threads| {
+            let be = dvl::CpuBackend::with_threads(threads)
+                .unwrap()
+                .with_bf16(bf16);
+            let mut k = Keep(Vec::new());
+            let g = e.generate(&be, &req, &p, &mut k).unwrap();
+            (g.output.ids, k.0, be.bf16())
+        };
+        let one = run(1);
+        assert!(!one.1.is_empty());
+        if bf16 && !one.2 {
+            eprintln!("no bf16 kernels on this CPU: bf16 half skipped");
+            continue;
+        }
+        for t in [2, 3] {
+            let other = run(t);
+            assert_eq!(one.0, other.0, "{t} threads (bf16 {bf16}): ids");
+            for ((n1, v1), (n2, v2)) in one.1.iter().zip(&other.1) {
+                assert_eq!(n1, n2);
+                assert!(
+                    v1.iter().zip(v2).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{t} threads (bf16 {bf16}): {n1} differs"
+                );
+            }
         }
     }
 }

@@ -89,9 +89,9 @@ impl TileConfig {
     }
 }
 
-/// Round to nearest even, as bf16 bits.
+/// Round to nearest even, as bf16 bits (NaN stays a quiet NaN).
 #[inline(always)]
-fn to_bf16_bits(v: f32) -> u16 {
+pub fn to_bf16_bits(v: f32) -> u16 {
     let b = v.to_bits();
     if v.is_nan() {
         return ((b >> 16) | 0x40) as u16;

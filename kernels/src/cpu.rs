@@ -28,6 +28,16 @@ pub fn supported_isas() -> &'static [Isa] {
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86::xcr0;
 
+/// AVX-512 plus AVX512_BF16 (`vdpbf16ps`): bf16 dot products for [`crate::dpbf16`].
+pub fn has_avx512_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::has_avx512() && core::arch::x86_64::__cpuid_count(7, 1).eax & (1 << 5) != 0
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use core::arch::x86_64::{__cpuid, __cpuid_count, _xgetbv};

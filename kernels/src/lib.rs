@@ -17,6 +17,8 @@ extern crate alloc;
 pub mod amx;
 pub mod attention;
 pub mod cpu;
+#[cfg(target_arch = "x86_64")]
+pub mod dpbf16;
 pub mod elementwise;
 pub mod math;
 pub mod matmul;

@@ -639,3 +639,61 @@ fn avx512_rows_are_bitwise_stable_across_tile_shapes() {
         }
     }
 }
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn dpbf16_matches_reference_on_bf16_rounded_activations() {
+    if !dvl_kernels::cpu::has_avx512_bf16() {
+        eprintln!("AVX512_BF16 not available here: skipped");
+        return;
+    }
+    let round = |v: f32| bf16::from_f32(v).to_f32();
+    for &(m, k, n) in &[
+        (1, 1, 1),
+        (1, 32, 16),
+        (8, 64, 40),
+        (8, 95, 151),
+        (3, 33, 5),
+        (16, 1176, 33),
+        (9, 2048, 7),
+        (300, 160, 9),
+    ] {
+        let x = rand_vec(m * k, 191 + k as u64);
+        let w: Vec<bf16> = rand_vec(n * k, 192 + n as u64)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect();
+        let bias = rand_vec(n, 193);
+        let xr: Vec<f32> = x.iter().map(|&v| round(v)).collect();
+        let mut want = vec![0f32; m * n];
+        reference::matmul(&xr, m, k, &w, n, Some(&bias), &mut want);
+        let ldo = n + 3;
+        let mut got = vec![f32::NAN; m * ldo];
+        // SAFETY: has_avx512_bf16 checked above; shapes match.
+        unsafe { dvl_kernels::dpbf16::matmul_dpbf16(&x, m, k, &w, n, Some(&bias), &mut got, ldo) };
+        let rows: Vec<f32> = (0..m)
+            .flat_map(|i| got[i * ldo..i * ldo + n].to_vec())
+            .collect();
+        let e = max_rel_err(&rows, &want);
+        assert!(e < 1e-5, "m={m} k={k} n={n}: max rel err {e}");
+        assert!(
+            (0..m).all(|i| got[i * ldo + n..(i + 1) * ldo].iter().all(|v| v.is_nan())),
+            "columns past n untouched"
+        );
+        // A row's result does not depend on how many rows share the call.
+        let mut one = vec![0f32; n];
+        unsafe {
+            dvl_kernels::dpbf16::matmul_dpbf16(
+                &x[(m - 1) * k..],
+                1,
+                k,
+                &w,
+                n,
+                Some(&bias),
+                &mut one,
+                n,
+            )
+        };
+        assert_eq!(&one[..], &rows[(m - 1) * n..]);
+    }
+}

@@ -14,23 +14,25 @@ use dvl::{CpuBackend, Engine, GenerateParams, ImageInput, Request, Strategy};
 const USAGE: &str = "usage:
   dvl synth --shape tiny|0.5b|3b|7b --out DIR [--seed N] [--tokenizer tokenizer.json]
   dvl bench --model DIR [--prefix 288] [--block 8] [--threads N] [--reps 5] [--no-vision]
-            [--isa portable|avx2|avx512] [--amx] [--json]
+            [--isa portable|avx2|avx512] [--bf16] [--json]
   dvl generate --model DIR [--image PATH]... --prompt TEXT [--gen-length 128] [--steps 8]
                [--block-size N] [--strategy static|dynamic] [--threshold 0.85]
                [--temperature 0] [--top-k 0] [--top-p 1] [--seed N] [--threads N]
-               [--no-fuse-commit] [--amx] [--json] [--dump DIR]
+               [--no-fuse-commit] [--bf16] [--json] [--dump DIR]
 
 Defaults equal the reference evaluation (gen_length 128, 8 steps per block, greedy,
-low_confidence_static). --amx runs prefill and vision matmuls on AMX tiles with
-bf16-rounded activations (faster; hidden states move ~1e-3). --json prints one object (ids, text, prompt_rows, forward_passes,
-timings); --dump DIR writes the fixture probe tensors to DIR/dump.safetensors.";
+low_confidence_static). --bf16 (or --amx) rounds matmul inputs to bf16: AMX tiles for
+prefill and vision, AVX512_BF16 dot products for denoising steps (faster; hidden states
+move ~1e-3, the default f32 path stays within 1e-7 of the references). --json prints one
+object (ids, text, prompt_rows, forward_passes, timings); --dump DIR writes the fixture
+probe tensors to DIR/dump.safetensors.";
 
 struct Args {
     flags: BTreeMap<String, Vec<String>>,
     switches: Vec<String>,
 }
 
-const SWITCHES: &[&str] = &["json", "no-fuse-commit", "help", "no-vision", "amx"];
+const SWITCHES: &[&str] = &["json", "no-fuse-commit", "help", "no-vision", "bf16", "amx"];
 
 fn parse(args: &[String]) -> Result<Args, String> {
     let mut flags: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -166,10 +168,13 @@ fn generate(args: &Args) -> Result<(), String> {
     let threads: usize = args.num("threads", 0)?;
     let engine = Engine::open(&PathBuf::from(model)).map_err(|e| e.to_string())?;
     let mut be = CpuBackend::with_threads(threads).map_err(|e| e.to_string())?;
-    if args.has("amx") {
-        be = be.with_amx(true);
-        if !be.amx() {
-            eprintln!("dvl: --amx: AMX is not available on this CPU/OS; using the f32 kernels");
+    if args.has("bf16") || args.has("amx") {
+        be = be.with_bf16(true);
+        if !be.bf16() {
+            eprintln!(
+                "dvl: --bf16: neither AMX nor AVX512_BF16 is available on this CPU/OS; \
+                 using the f32 kernels"
+            );
         }
     }
     let images: Vec<ImageInput> = args
@@ -234,6 +239,8 @@ fn generate(args: &Args) -> Result<(), String> {
             },
             "threads": be.threads(),
             "isa": format!("{:?}", be.isa()),
+            "kernels": be.describe(),
+            "bf16": be.bf16(),
             "amx": be.amx(),
             "timings": {
                 "preprocess_ms": g.timings.preprocess_ms, "vision_ms": g.timings.vision_ms,
@@ -279,18 +286,21 @@ fn bench(args: &Args) -> Result<(), String> {
     let model = args.one("model").ok_or("--model DIR is required")?;
     let engine = Engine::open(&PathBuf::from(model)).map_err(|e| e.to_string())?;
     let mut be = CpuBackend::with_threads(args.num("threads", 0)?).map_err(|e| e.to_string())?;
-    if args.has("amx") {
-        be = be.with_amx(true);
-        if !be.amx() {
-            return Err("--amx: AMX is not available on this CPU/OS".to_string());
-        }
-    }
     if let Some(name) = args.one("isa") {
         let isa = dvl::backend::parse_isa(name)
             .ok_or_else(|| format!("--isa {name:?}: expected portable, avx2 or avx512"))?;
         be = be.with_isa(isa);
         if be.isa() != isa {
             return Err(format!("--isa {name}: this CPU does not support it"));
+        }
+    }
+    if args.has("bf16") || args.has("amx") {
+        be = be.with_bf16(true);
+        if !be.bf16() {
+            return Err(
+                "--bf16: neither AMX nor AVX512_BF16 is available on this CPU/OS (with --isa)"
+                    .to_string(),
+            );
         }
     }
     let d = dvl::bench::BenchConfig::default();
