@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One run, both engines: dvl bench (f32 kernels and AMX) and the PyTorch peer on the same
+# One run, both engines: dvl bench (f32 kernels, --bf16, AVX2) and the PyTorch peer on the same
 # shapes, schedule and thread count, then the tiny model's end-to-end generation both ways.
 # Prints JSON lines (dvl's and the peer's) to stdout; never run by CI.
 #
@@ -26,8 +26,10 @@ for shape in "${shapes[@]}"; do
     model="$SYNTH_DIR/$shape"
     [ -f "$model/config.json" ] || $DVL synth --shape "$shape" --out "$model" >&2
   fi
-  for amx in "" "--amx"; do
-    $DVL bench --model "$model" --threads "$THREADS" --prefix "$PREFIX" --reps "$REPS" $amx --json \
+  # f32 kernels (AVX-512), bf16 matmul inputs (AMX), and the AVX2 path (steps only).
+  for opts in "" "--bf16" "--isa avx2 --no-vision"; do
+    # shellcheck disable=SC2086
+    $DVL bench --model "$model" --threads "$THREADS" --prefix "$PREFIX" --reps "$REPS" $opts --json \
       | sed "s/^{/{\"engine\":\"dvl\",\"shape\":\"$shape\",/"
   done
   if [ -x "$PEER_PY" ]; then

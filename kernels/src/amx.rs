@@ -271,6 +271,13 @@ pub unsafe fn matmul_amx_bf16_packed(
     // the slicing.
     let mut cbuf = alloc::vec![0f32; chunk.div_ceil(16) * 2 * 256];
     let cptr = cbuf.as_mut_ptr();
+    // The current weight slice, 64-byte aligned: 2 blocks × KC_BLOCKS k blocks × 16 rows of
+    // 32 bf16.
+    let mut slice_buf = alloc::vec![0u16; 2 * KC_BLOCKS * 16 * 32 + 32];
+    let slice_ptr = {
+        let p = slice_buf.as_mut_ptr();
+        p.add(p.align_offset(64))
+    };
     let mut m0 = 0;
     while m0 < m {
         let mc = chunk.min(m - m0);
@@ -280,26 +287,40 @@ pub unsafe fn matmul_amx_bf16_packed(
         while b < nb {
             let two_n = b + 1 < nb;
             // k slices of KC_BLOCKS·32: the weight-block pair's slice (32 rows × 512 bytes)
-            // stays in L1 while every row block of the chunk passes over it, so the weights
-            // are read from L2 once per row chunk rather than once per row-block pair.
+            // is copied into a contiguous buffer and stays in L1 while every row block of
+            // the chunk passes over it. Read in place, rows k·2 bytes apart alias to the same
+            // L1 sets whenever k is a power of two (2048, 4096...), and the tiles came from
+            // L2 on every use.
             let mut q0 = 0;
             while q0 < kb {
                 let q1 = (q0 + KC_BLOCKS).min(kb);
-                // Prefetch the next weight slice (its 64-byte rows) while this one is in
-                // use, spread over the slice's tile steps, so the first row-block pair of
-                // the next slice does not wait on memory.
+                // Copy the slice (16 rows of 64 bytes per block and k block); prefetch the
+                // matching lines of the next slice on the way, so it is in cache when its
+                // turn comes.
                 let (pf_b, pf_q) = if q1 < kb { (b, q1) } else { (b + 2, 0) };
-                let pf_rows = if pf_b >= nb {
-                    0
-                } else if pf_b + 1 < nb {
-                    32
-                } else {
-                    16
-                };
-                let pf_kc = KC_BLOCKS.min(kb - pf_q);
-                let pf_total = pf_rows * pf_kc;
-                let pf_per_step = pf_total.div_ceil((q1 - q0) * mblocks.div_ceil(2));
-                let mut pf = 0;
+                for db in 0..if two_n { 2 } else { 1 } {
+                    for q in q0..q1 {
+                        let (src, st) = a_tile(b + db, q);
+                        let dst = slice_ptr.add(((db * KC_BLOCKS + (q - q0)) * 16) * 32);
+                        let pf = if pf_b + db < nb && pf_q + (q - q0) < kb {
+                            Some(a_tile(pf_b + db, pf_q + (q - q0)))
+                        } else {
+                            None
+                        };
+                        for row in 0..16 {
+                            let v =
+                                _mm512_loadu_si512((src as *const u8).add(row * st) as *const _);
+                            _mm512_store_si512(dst.add(row * 32) as *mut _, v);
+                            if let Some((pp, pst)) = pf {
+                                _mm_prefetch::<_MM_HINT_T0>(
+                                    (pp as *const u8).add(row * pst) as *const i8
+                                );
+                            }
+                        }
+                    }
+                }
+                let a_slice =
+                    |db: usize, q: usize| slice_ptr.add(((db * KC_BLOCKS + (q - q0)) * 16) * 32);
                 let mut mb = mb0;
                 while mb < mb_end {
                     let two_m = mb + 1 < mb_end;
@@ -322,17 +343,7 @@ pub unsafe fn matmul_amx_bf16_packed(
                         }
                     }
                     for q in q0..q1 {
-                        for _ in 0..pf_per_step {
-                            if pf < pf_total {
-                                let (row, qq) = (pf / pf_kc, pf % pf_kc);
-                                let (p, st) = a_tile(pf_b + row / 16, pf_q + qq);
-                                let line = (p as *const u8).add((row % 16) * st);
-                                _mm_prefetch::<_MM_HINT_T0>(line as *const i8);
-                                pf += 1;
-                            }
-                        }
-                        let (a0, sa0) = a_tile(b, q);
-                        tile_load!("4", a0, sa0);
+                        tile_load!("4", a_slice(0, q), 64usize);
                         tile_load!("6", b_tile(mb, q), 64usize);
                         tile_dp!("0", "4", "6");
                         if two_m {
@@ -340,8 +351,7 @@ pub unsafe fn matmul_amx_bf16_packed(
                             tile_dp!("1", "4", "7");
                         }
                         if two_n {
-                            let (a1, sa1) = a_tile(b + 1, q);
-                            tile_load!("5", a1, sa1);
+                            tile_load!("5", a_slice(1, q), 64usize);
                             tile_dp!("2", "5", "6");
                             if two_m {
                                 tile_dp!("3", "5", "7");
