@@ -6,6 +6,8 @@
 //! every output element is computed by the same code in the same order whatever the split,
 //! so results do not depend on the thread count.
 
+use alloc::format;
+use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 
@@ -227,6 +229,12 @@ impl CpuBackend {
     }
 }
 
+/// Matmuls smaller than this (multiply-adds) run on the calling thread: waking the pool
+/// costs tens of microseconds, more than a few hundred thousand multiply-adds take (the
+/// tiny model's layers are 8 × 64 × 160).
+#[cfg(feature = "std")]
+const PAR_MIN_MACS: usize = 1 << 20;
+
 /// The kernel family for bf16 weights, decided per backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Bf16Kernel {
@@ -371,7 +379,7 @@ impl Backend for CpuBackend {
             let threads = pool.current_num_threads();
             let isa = self.isa;
             let bf16 = self.bf16_kernel();
-            if m * n * k >= 1 << 16 && m >= 16 * threads {
+            if m * n * k >= PAR_MIN_MACS && m >= 16 * threads {
                 // Many rows (prefill, vision): split rows; each thread's outputs are contiguous.
                 let per = m.div_ceil(threads * 4).next_multiple_of(4);
                 pool.install(|| {
@@ -386,7 +394,7 @@ impl Backend for CpuBackend {
                 });
                 return;
             }
-            if m * n * k >= 1 << 16 && n >= 64 {
+            if m * n * k >= PAR_MIN_MACS && n >= 64 {
                 // Few rows (denoising step): split weight rows so each thread streams its
                 // share of the weights once.
                 let chunk = n.div_ceil(threads * 4).next_multiple_of(4);
