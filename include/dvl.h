@@ -244,6 +244,14 @@ typedef struct dvl_context_params {
      * Results do not depend on it.
      */
     uint32_t n_threads;
+    /**
+     * 1: round matmul inputs to bf16 and run the matmuls on AMX tiles, or with AVX512_BF16
+     * dot products, where the CPU has them (the CLI's --bf16): faster, hidden states move by
+     * ~1e-3 and the golden traces stay identical. 0 (the default): f32 activations, within
+     * 1e-7 of the float64 references. Other values are rejected. Added after the first
+     * release: callers with an older header (smaller struct_size) get 0.
+     */
+    uint32_t bf16_matmul;
 } dvl_context_params;
 
 /**

@@ -266,7 +266,8 @@ static void test_versions_and_params(void) {
     EXPECT(dvl_context_default_params(NULL, sizeof cp), DVL_ERR_INVALID_ARGUMENT);
     EXPECT(dvl_context_default_params(&cp, 0), DVL_ERR_STRUCT_SIZE);
     EXPECT(dvl_context_default_params(&cp, sizeof cp), DVL_OK);
-    CHECK(cp.struct_size == sizeof cp && cp.n_threads == 0, "context defaults");
+    CHECK(cp.struct_size == sizeof cp && cp.n_threads == 0 && cp.bf16_matmul == 0,
+          "context defaults");
 
     EXPECT(dvl_generate_default_params(&gp, sizeof gp - 1), DVL_ERR_STRUCT_SIZE);
     EXPECT(dvl_generate_default_params(&gp, sizeof gp), DVL_OK);
@@ -423,9 +424,23 @@ static void test_context_and_prompt(dvl_model *model) {
     cp.n_threads = 5000;
     EXPECT(dvl_context_new(model, &cp, &ctx), DVL_ERR_INVALID_ARGUMENT);
     cp.n_threads = 1;
+    cp.bf16_matmul = 2;
+    EXPECT(dvl_context_new(model, &cp, &ctx), DVL_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(dvl_last_error(NULL), "bf16_matmul") != NULL, "bf16 error: %s",
+          dvl_last_error(NULL));
+    cp.bf16_matmul = 0;
     cp.struct_size = 0;
     EXPECT(dvl_context_new(model, &cp, &ctx), DVL_ERR_STRUCT_SIZE);
+    /* A caller built against the first header (no bf16_matmul) is still accepted. */
+    cp.struct_size = offsetof(dvl_context_params, bf16_matmul);
+    cp.bf16_matmul = 1; /* past its struct_size: must not be read */
+    EXPECT(dvl_context_new(model, &cp, &ctx), DVL_OK);
+    EXPECT(dvl_context_free(&ctx), DVL_OK);
+    cp.bf16_matmul = 1;
     cp.struct_size = sizeof cp;
+    EXPECT(dvl_context_new(model, &cp, &ctx), DVL_OK);
+    EXPECT(dvl_context_free(&ctx), DVL_OK);
+    cp.bf16_matmul = 0;
 
     EXPECT(dvl_prompt_new(NULL, &prompt), DVL_ERR_INVALID_ARGUMENT);
     EXPECT(dvl_prompt_new("\xff\xfe not UTF-8", &p2), DVL_ERR_INVALID_ARGUMENT);
