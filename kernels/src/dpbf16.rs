@@ -126,40 +126,5 @@ pub unsafe fn matmul_dpbf16(
     let (xp, wp0, op0) = (xb.as_ptr(), w.as_ptr() as *const u16, out.as_mut_ptr());
     // Rows in chunks that stay in L2 while the weights stream past them.
     let m_chunk = (1024 * 1024 / (kp * 2).max(1)).clamp(8, 256) / 8 * 8;
-    let mut c0 = 0;
-    while c0 < m {
-        let c1 = (c0 + m_chunk).min(m);
-        let strip = (16 / (c1 - c0).min(8)).min(4);
-        let mut j0 = 0;
-        while j0 < n {
-            let nr = strip.min(n - j0);
-            let wp = wp0.add(j0 * k);
-            let mut i0 = c0;
-            while i0 < c1 {
-                let mr = (c1 - i0).min(8);
-                let (xr, op) = (xp.add(i0 * kp), op0.add(i0 * ldo + j0));
-                macro_rules! go {
-                    ($mr:literal, $($nr:literal),*) => {
-                        match nr {
-                            $($nr => tile::<$mr, $nr>(xr, kp, k, wp, bias, op, ldo, j0),)*
-                            _ => unreachable!(),
-                        }
-                    };
-                }
-                match mr {
-                    8 => go!(8, 1, 2),
-                    7 => go!(7, 1, 2),
-                    6 => go!(6, 1, 2),
-                    5 => go!(5, 1, 2, 3),
-                    4 => go!(4, 1, 2, 3, 4),
-                    3 => go!(3, 1, 2, 3, 4),
-                    2 => go!(2, 1, 2, 3, 4),
-                    _ => go!(1, 1, 2, 3, 4),
-                }
-                i0 += mr;
-            }
-            j0 += nr;
-        }
-        c0 = c1;
-    }
+    crate::x86::pair_strips!(tile, xp, kp, k, wp0, n, bias, op0, ldo, m, m_chunk);
 }

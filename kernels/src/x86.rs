@@ -155,6 +155,68 @@ pub(crate) unsafe fn hsum16(v: &[__m512; 16]) -> [f32; 16] {
     out
 }
 
+/// Row chunks × weight strips × row tiles for the pair-layout kernels (`tile512_bf16`,
+/// `dpbf16::tile`), which share the argument list `(x, kp, k, w, bias, out, ldo, j0)`.
+///
+/// Tile shape: up to 8 rows (the denoising block) × 2 weight rows when there are few rows,
+/// so each weight vector feeds 8 rows; 4 × 4 for many rows (prefill, vision), where
+/// activations come from L2 and each activation load must feed 4 weight rows. Any shape
+/// gives a row bit-identical results (one accumulator per output, one reduction tree).
+macro_rules! pair_strips {
+    ($tile:ident, $xp:expr, $kp:expr, $k:expr, $w:expr, $n:expr, $bias:expr, $out:expr, $ldo:expr, $m:expr, $m_chunk:expr) => {{
+        let (xp, kp, k, w, n, bias, out, ldo, m) = ($xp, $kp, $k, $w, $n, $bias, $out, $ldo, $m);
+        let mut c0 = 0;
+        while c0 < m {
+            let c1 = (c0 + $m_chunk).min(m);
+            let tall = if c1 - c0 > 8 { 4 } else { 8 };
+            let strip = (16 / (c1 - c0).min(tall)).min(4);
+            let mut j0 = 0;
+            while j0 < n {
+                let nr = strip.min(n - j0);
+                let wp = w.add(j0 * k);
+                let mut i0 = c0;
+                while i0 < c1 {
+                    let mr = (c1 - i0).min(tall);
+                    let (xr, op) = (xp.add(i0 * kp), out.add(i0 * ldo + j0));
+                    // mr·nr ≤ 16 accumulators (one hsum16 per tile).
+                    match (mr, nr) {
+                        (8, 1) => $tile::<8, 1>(xr, kp, k, wp, bias, op, ldo, j0),
+                        (8, 2) => $tile::<8, 2>(xr, kp, k, wp, bias, op, ldo, j0),
+                        (7, 1) => $tile::<7, 1>(xr, kp, k, wp, bias, op, ldo, j0),
+                        (7, 2) => $tile::<7, 2>(xr, kp, k, wp, bias, op, ldo, j0),
+                        (6, 1) => $tile::<6, 1>(xr, kp, k, wp, bias, op, ldo, j0),
+                        (6, 2) => $tile::<6, 2>(xr, kp, k, wp, bias, op, ldo, j0),
+                        (5, 1) => $tile::<5, 1>(xr, kp, k, wp, bias, op, ldo, j0),
+                        (5, 2) => $tile::<5, 2>(xr, kp, k, wp, bias, op, ldo, j0),
+                        (5, 3) => $tile::<5, 3>(xr, kp, k, wp, bias, op, ldo, j0),
+                        (4, 1) => $tile::<4, 1>(xr, kp, k, wp, bias, op, ldo, j0),
+                        (4, 2) => $tile::<4, 2>(xr, kp, k, wp, bias, op, ldo, j0),
+                        (4, 3) => $tile::<4, 3>(xr, kp, k, wp, bias, op, ldo, j0),
+                        (4, 4) => $tile::<4, 4>(xr, kp, k, wp, bias, op, ldo, j0),
+                        (3, 1) => $tile::<3, 1>(xr, kp, k, wp, bias, op, ldo, j0),
+                        (3, 2) => $tile::<3, 2>(xr, kp, k, wp, bias, op, ldo, j0),
+                        (3, 3) => $tile::<3, 3>(xr, kp, k, wp, bias, op, ldo, j0),
+                        (3, 4) => $tile::<3, 4>(xr, kp, k, wp, bias, op, ldo, j0),
+                        (2, 1) => $tile::<2, 1>(xr, kp, k, wp, bias, op, ldo, j0),
+                        (2, 2) => $tile::<2, 2>(xr, kp, k, wp, bias, op, ldo, j0),
+                        (2, 3) => $tile::<2, 3>(xr, kp, k, wp, bias, op, ldo, j0),
+                        (2, 4) => $tile::<2, 4>(xr, kp, k, wp, bias, op, ldo, j0),
+                        (1, 1) => $tile::<1, 1>(xr, kp, k, wp, bias, op, ldo, j0),
+                        (1, 2) => $tile::<1, 2>(xr, kp, k, wp, bias, op, ldo, j0),
+                        (1, 3) => $tile::<1, 3>(xr, kp, k, wp, bias, op, ldo, j0),
+                        (1, 4) => $tile::<1, 4>(xr, kp, k, wp, bias, op, ldo, j0),
+                        _ => unreachable!(),
+                    }
+                    i0 += mr;
+                }
+                j0 += nr;
+            }
+            c0 = c1;
+        }
+    }};
+}
+pub(crate) use pair_strips;
+
 /// bf16 weights on AVX-512: each 64-byte load holds 16 (even, odd) pairs of weights, and
 /// two integer ops widen them (`<< 16` gives the even ones, `& 0xffff0000` the odd ones)
 /// instead of a zero-extend shuffle and a shift per 16. The activations are pre-split into
@@ -266,47 +328,7 @@ unsafe fn matmul_bf16_avx512(
     let xp = xd.as_ptr();
     // Rows in chunks that stay in L2 while every weight tile streams past them.
     let m_chunk = (512 * 1024 / (kp * 4).max(1)).clamp(8, 256) / 8 * 8;
-    let mut c0 = 0;
-    while c0 < m {
-        let c1 = (c0 + m_chunk).min(m);
-        let mut j0 = 0;
-        while j0 < n {
-            let mut i0 = c0;
-            // Tile shape: up to 8 rows (the denoising block) × 2 weight rows when there are
-            // few rows, so each widened weight vector feeds 8 FMAs; 4 × 4 for many rows
-            // (prefill, vision), where activations come from L2 and each activation load
-            // must feed 4 FMAs. Any shape gives a row bit-identical results.
-            let tall = if c1 - c0 > 8 { 4 } else { 8 };
-            let strip = (16 / (c1 - c0).min(tall)).min(4);
-            let nr = strip.min(n - j0);
-            let wp = w.add(j0 * k);
-            while i0 < c1 {
-                let mr = (c1 - i0).min(tall);
-                let (xr, op) = (xp.add(i0 * kp), out.add(i0 * ldo + j0));
-                macro_rules! go {
-                    ($mr:literal, $($nr:literal),*) => {
-                        match nr {
-                            $($nr => tile512_bf16::<$mr, $nr>(xr, kp, k, wp, bias, op, ldo, j0),)*
-                            _ => unreachable!(),
-                        }
-                    };
-                }
-                match mr {
-                    8 => go!(8, 1, 2),
-                    7 => go!(7, 1, 2),
-                    6 => go!(6, 1, 2),
-                    5 => go!(5, 1, 2, 3),
-                    4 => go!(4, 1, 2, 3, 4),
-                    3 => go!(3, 1, 2, 3, 4),
-                    2 => go!(2, 1, 2, 3, 4),
-                    _ => go!(1, 1, 2, 3, 4),
-                }
-                i0 += mr;
-            }
-            j0 += nr;
-        }
-        c0 = c1;
-    }
+    pair_strips!(tile512_bf16, xp, kp, k, w, n, bias, out, ldo, m, m_chunk);
 }
 
 macro_rules! dispatch_tiles {
