@@ -81,10 +81,9 @@ pub trait Backend: Sync {
 /// The CPU backend.
 pub struct CpuBackend {
     isa: Isa,
-    /// bf16 matmul inputs (see [`CpuBackend::with_bf16`]) on AMX tiles...
-    amx: bool,
-    /// ...or, on CPUs without AMX, with `vdpbf16ps` dot products.
-    dpbf16: bool,
+    /// The kernels for bf16 weights: f32 activations, or bf16 matmul inputs (see
+    /// [`CpuBackend::with_bf16`]) on AMX tiles or with `vdpbf16ps`.
+    bf16: Bf16Kernel,
     #[cfg(feature = "std")]
     pool: Option<rayon::ThreadPool>,
 }
@@ -96,8 +95,7 @@ impl CpuBackend {
     pub fn single_threaded() -> Self {
         let be = CpuBackend {
             isa: dvl_kernels::cpu::detect_isa(),
-            amx: false,
-            dpbf16: false,
+            bf16: Bf16Kernel::F32,
             #[cfg(feature = "std")]
             pool: None,
         };
@@ -153,8 +151,7 @@ impl CpuBackend {
         }
         if self.isa != Isa::Avx512 {
             // The bf16 kernels are AVX-512 code.
-            self.amx = false;
-            self.dpbf16 = false;
+            self.bf16 = Bf16Kernel::F32;
         }
         self
     }
@@ -168,9 +165,15 @@ impl CpuBackend {
     pub fn with_bf16(mut self, on: bool) -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            let avx512 = self.isa == Isa::Avx512;
-            self.amx = on && avx512 && dvl_kernels::amx::available();
-            self.dpbf16 = on && avx512 && !self.amx && dvl_kernels::cpu::has_avx512_bf16();
+            self.bf16 = if !on || self.isa != Isa::Avx512 {
+                Bf16Kernel::F32
+            } else if dvl_kernels::amx::available() {
+                Bf16Kernel::Amx
+            } else if dvl_kernels::cpu::has_avx512_bf16() {
+                Bf16Kernel::Dot
+            } else {
+                Bf16Kernel::F32
+            };
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -186,34 +189,22 @@ impl CpuBackend {
 
     /// Whether AMX tiles are in use (bf16 mode on a CPU with AMX).
     pub fn amx(&self) -> bool {
-        self.amx
-    }
-
-    fn bf16_kernel(&self) -> Bf16Kernel {
-        if self.amx {
-            Bf16Kernel::Amx
-        } else if self.dpbf16 {
-            Bf16Kernel::Dot
-        } else {
-            Bf16Kernel::F32
-        }
+        self.bf16 == Bf16Kernel::Amx
     }
 
     /// Whether any matmul runs with bf16 inputs.
     pub fn bf16(&self) -> bool {
-        self.amx || self.dpbf16
+        self.bf16 != Bf16Kernel::F32
     }
 
-    /// Kernel set in words, e.g. `Avx512+AMX+BF16`.
+    /// Kernel set in words: `Avx512`, `Avx512+AMX` or `Avx512+BF16`.
     pub fn describe(&self) -> String {
-        let mut d = format!("{:?}", self.isa);
-        if self.amx {
-            d.push_str("+AMX");
-        }
-        if self.dpbf16 {
-            d.push_str("+BF16");
-        }
-        d
+        let suffix = match self.bf16 {
+            Bf16Kernel::F32 => "",
+            Bf16Kernel::Amx => "+AMX",
+            Bf16Kernel::Dot => "+BF16",
+        };
+        format!("{:?}{suffix}", self.isa)
     }
 
     pub fn isa(&self) -> Isa {
@@ -369,7 +360,7 @@ impl Backend for CpuBackend {
         out: &mut [f32],
     ) {
         #[cfg(target_arch = "x86_64")]
-        if let (true, WData::BF16(ws)) = (self.amx, w) {
+        if let (true, WData::BF16(ws)) = (self.amx(), w) {
             self.matmul_amx(x, m, k, ws, n, bias, out);
             return;
         }
@@ -378,7 +369,7 @@ impl Backend for CpuBackend {
             use rayon::prelude::*;
             let threads = pool.current_num_threads();
             let isa = self.isa;
-            let bf16 = self.bf16_kernel();
+            let bf16 = self.bf16;
             if m * n * k >= PAR_MIN_MACS && m >= 16 * threads {
                 // Many rows (prefill, vision): split rows; each thread's outputs are contiguous.
                 let per = m.div_ceil(threads * 4).next_multiple_of(4);
@@ -419,7 +410,7 @@ impl Backend for CpuBackend {
                 return;
             }
         }
-        matmul_any(self.isa, self.bf16_kernel(), x, m, k, w, 0, n, bias, out, n);
+        matmul_any(self.isa, self.bf16, x, m, k, w, 0, n, bias, out, n);
     }
 
     fn logits_argmax(
@@ -434,7 +425,7 @@ impl Backend for CpuBackend {
         use dvl_kernels::softmax::ArgmaxPartial;
         // Vocabulary slices small enough that their logits stay in L2.
         const CHUNK: usize = 2048;
-        let (isa, bf16) = (self.isa, self.bf16_kernel());
+        let (isa, bf16) = (self.isa, self.bf16);
         let slice = |c: usize| -> Vec<ArgmaxPartial> {
             let (n0, n1) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
             let mut z = vec![0f32; rows * (n1 - n0)];

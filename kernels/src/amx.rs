@@ -143,13 +143,6 @@ pub struct PackedActs {
     k: usize,
 }
 
-impl PackedActs {
-    /// Rows and columns of the activation matrix this packs.
-    pub fn shape(&self) -> (usize, usize) {
-        (self.m, self.k)
-    }
-}
-
 /// Pack `x` (`m` rows of `k`) for [`matmul_amx_bf16_packed`]. Plain code (no AMX needed).
 pub fn pack_activations(x: &[f32], m: usize, k: usize) -> PackedActs {
     assert!(
