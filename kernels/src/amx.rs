@@ -143,8 +143,33 @@ pub struct PackedActs {
     k: usize,
 }
 
-/// Pack `x` (`m` rows of `k`) for [`matmul_amx_bf16_packed`]. Plain code (no AMX needed).
+impl PackedActs {
+    /// The packed bf16 bits, blocks in (row block, k block) order.
+    pub fn bits(&self) -> &[u16] {
+        &self.data
+    }
+}
+
+/// Pack `x` (`m` rows of `k`) for [`matmul_amx_bf16_packed`]. Needs no AMX: AVX-512 where
+/// the CPU has it (16×16 pair transposes in registers), [`pack_activations_reference`]
+/// otherwise; both give the same bits.
 pub fn pack_activations(x: &[f32], m: usize, k: usize) -> PackedActs {
+    assert!(
+        x.len() >= m * k,
+        "pack_activations: x holds {} < {m}×{k}",
+        x.len()
+    );
+    if crate::cpu::detect_isa() != crate::matmul::Isa::Avx512 {
+        return pack_activations_reference(x, m, k);
+    }
+    let mut data = alloc_zeroed(m.div_ceil(16) * k.div_ceil(32) * 512);
+    // SAFETY: AVX-512 F/BW checked above; x holds m×k, data the packed size.
+    unsafe { pack_avx512(x, m, k, &mut data) };
+    PackedActs { data, m, k }
+}
+
+/// The scalar packer: one value at a time, the definition of the layout.
+pub fn pack_activations_reference(x: &[f32], m: usize, k: usize) -> PackedActs {
     assert!(
         x.len() >= m * k,
         "pack_activations: x holds {} < {m}×{k}",
@@ -170,6 +195,57 @@ pub fn pack_activations(x: &[f32], m: usize, k: usize) -> PackedActs {
         }
     }
     PackedActs { data, m, k }
+}
+
+/// Block (mb, q) at a time: each of its 16 rows' 32 values rounded to bf16 and narrowed
+/// to 16 u32 pairs in one register, then the 16×16 pairs transposed so that register r
+/// holds pair r of every row, which is the block's layout.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn pack_avx512(x: &[f32], m: usize, k: usize, data: &mut [u16]) {
+    let kb = k.div_ceil(32);
+    // u16 lane j of (lo, hi) ← the high half of u32 lane j of the 32 rounded values.
+    let mut idx = [0u16; 32];
+    for (j, v) in idx.iter_mut().enumerate() {
+        *v = (2 * j + 1) as u16;
+    }
+    let idx = _mm512_loadu_si512(idx.as_ptr() as *const _);
+    let round = |v: __m512| -> __m512i {
+        // to_bf16_bits on 16 lanes: round half to even, NaN kept quiet.
+        let b = _mm512_castps_si512(v);
+        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+        let t = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), lsb);
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+        _mm512_mask_mov_epi32(t, nan, _mm512_or_si512(b, _mm512_set1_epi32(0x40_0000)))
+    };
+    for mb in 0..m.div_ceil(16) {
+        let rows = (m - mb * 16).min(16);
+        for q in 0..kb {
+            let k0 = q * 32;
+            let kn = (k - k0).min(32);
+            let lo: __mmask16 = if kn >= 16 { 0xffff } else { (1u16 << kn) - 1 };
+            let hi: __mmask16 = if kn >= 32 {
+                0xffff
+            } else if kn > 16 {
+                (1u16 << (kn - 16)) - 1
+            } else {
+                0
+            };
+            let mut v = [_mm512_setzero_ps(); 16];
+            for (i, vi) in v.iter_mut().enumerate().take(rows) {
+                let p = x.as_ptr().add((mb * 16 + i) * k + k0);
+                let a = round(_mm512_maskz_loadu_ps(lo, p));
+                // Masked-off lanes are not read; wrapping_add keeps the address arithmetic
+                // defined when the row ends before them.
+                let b = round(_mm512_maskz_loadu_ps(hi, p.wrapping_add(16)));
+                *vi = _mm512_castsi512_ps(_mm512_permutex2var_epi16(a, idx, b));
+            }
+            transpose16(&mut v);
+            let dst = data.as_mut_ptr().add((mb * kb + q) * 512) as *mut f32;
+            for (r, &vr) in v.iter().enumerate() {
+                _mm512_storeu_ps(dst.add(r * 16), vr);
+            }
+        }
+    }
 }
 
 /// `out[i·ldo + j] = Σ x[i·k + kk]·w[j·k + kk] + bias[j]`.
@@ -336,6 +412,25 @@ pub unsafe fn matmul_amx_bf16_packed(
                         }
                     }
                     for q in q0..q1 {
+                        if q1 == kb {
+                            // Last slice: claim (prefetchw) this row-block pair's output lines
+                            // a few rows per k step, so the transposed stores after the row
+                            // loop hit cache instead of each waiting for its own
+                            // read-for-ownership (output rows are ldo apart: no hardware
+                            // prefetcher follows them).
+                            let per = 32usize.div_ceil(q1 - q0);
+                            let r0 = mb * 16 + (q - q0) * per;
+                            let r1 = (r0 + per).min(((mb + 2) * 16).min(m));
+                            let cols = if two_n { 32 } else { 16 }.min(n - b * 16);
+                            for r in r0..r1 {
+                                let row = out.add(r * ldo + b * 16) as *const i8;
+                                _mm_prefetch::<_MM_HINT_ET0>(row);
+                                _mm_prefetch::<_MM_HINT_ET0>(row.add(cols * 4 - 4));
+                                if cols > 16 {
+                                    _mm_prefetch::<_MM_HINT_ET0>(row.add(64));
+                                }
+                            }
+                        }
                         tile_load!("4", a_slice(0, q), 64usize);
                         tile_load!("6", b_tile(mb, q), 64usize);
                         tile_dp!("0", "4", "6");

@@ -563,6 +563,43 @@ fn split_unmasking_equals_one_pass() {
 
 #[cfg(target_arch = "x86_64")]
 #[test]
+fn amx_activation_packer_matches_its_reference_bitwise() {
+    // Odd shapes (partial row blocks and k blocks), and values whose rounding is special:
+    // ties to even, NaN, infinities, subnormals, the largest finite values.
+    let special = [
+        f32::NAN,
+        -f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MAX,
+        f32::MIN_POSITIVE / 3.0,
+        f32::from_bits(0x3f80_8000), // tie, rounds down to even
+        f32::from_bits(0x3f81_8000), // tie, rounds up to even
+        f32::from_bits(0x7f7f_ffff),
+        -0.0,
+    ];
+    for &(m, k) in &[
+        (0, 5),
+        (1, 1),
+        (1, 32),
+        (15, 31),
+        (16, 33),
+        (17, 64),
+        (40, 1176),
+        (3, 17),
+    ] {
+        let mut x = rand_vec(m * k, 7 + (m * k) as u64);
+        for (i, v) in x.iter_mut().enumerate().step_by(7) {
+            *v = special[i % special.len()];
+        }
+        let got = dvl_kernels::amx::pack_activations(&x, m, k);
+        let want = dvl_kernels::amx::pack_activations_reference(&x, m, k);
+        assert_eq!(got.bits(), want.bits(), "m={m} k={k}");
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
 fn amx_matches_reference_on_bf16_rounded_activations() {
     if !dvl_kernels::amx::available() {
         eprintln!("AMX not available here: skipped");
