@@ -150,20 +150,22 @@ impl PackedActs {
     }
 }
 
-/// Pack `x` (`m` rows of `k`) for [`matmul_amx_bf16_packed`]. Needs no AMX: AVX-512 where
-/// the CPU has it (16×16 pair transposes in registers), [`pack_activations_reference`]
-/// otherwise; both give the same bits.
+/// Pack `x` (`m` rows of `k`) for [`matmul_amx_bf16_packed`]: AVX-512 (16×16 pair
+/// transposes in registers) where AMX is usable, [`pack_activations_reference`] otherwise;
+/// both give the same bits.
 pub fn pack_activations(x: &[f32], m: usize, k: usize) -> PackedActs {
     assert!(
         x.len() >= m * k,
         "pack_activations: x holds {} < {m}×{k}",
         x.len()
     );
-    if crate::cpu::detect_isa() != crate::matmul::Isa::Avx512 {
+    // `available` is a cached flag that implies AVX-512 (cpuid itself traps to the
+    // hypervisor in a VM: too slow to ask per call).
+    if !available() {
         return pack_activations_reference(x, m, k);
     }
     let mut data = alloc_zeroed(m.div_ceil(16) * k.div_ceil(32) * 512);
-    // SAFETY: AVX-512 F/BW checked above; x holds m×k, data the packed size.
+    // SAFETY: AMX implies AVX-512 F/BW (probe); x holds m×k, data the packed size.
     unsafe { pack_avx512(x, m, k, &mut data) };
     PackedActs { data, m, k }
 }
@@ -338,7 +340,7 @@ pub unsafe fn matmul_amx_bf16_packed(
     // C tiles of one weight-block pair over a row chunk, parked between k slices: slot
     // (mb − mb0)·2 + db. Parking is exact (f32 out and back), so results do not depend on
     // the slicing.
-    let mut cbuf = alloc::vec![0f32; chunk.div_ceil(16) * 2 * 256];
+    let mut cbuf = alloc::vec![0f32; chunk.min(m).div_ceil(16) * 2 * 256];
     let cptr = cbuf.as_mut_ptr();
     // The current weight slice, 64-byte aligned: 2 blocks × KC_BLOCKS k blocks × 16 rows of
     // 32 bf16.
@@ -347,6 +349,8 @@ pub unsafe fn matmul_amx_bf16_packed(
         let p = slice_buf.as_mut_ptr();
         p.add(p.align_offset(64))
     };
+    // Denoising steps (≤ 32 rows) take the direct path below.
+    let direct = m <= 32;
     let mut m0 = 0;
     while m0 < m {
         let mc = chunk.min(m - m0);
@@ -360,105 +364,161 @@ pub unsafe fn matmul_amx_bf16_packed(
             // the chunk passes over it. Read in place, rows k·2 bytes apart alias to the same
             // L1 sets whenever k is a power of two (2048, 4096...), and the tiles came from
             // L2 on every use.
-            let mut q0 = 0;
-            while q0 < kb {
-                let q1 = (q0 + KC_BLOCKS).min(kb);
-                // Copy the slice (16 rows of 64 bytes per block and k block); prefetch the
-                // matching lines of the next slice on the way, so it is in cache when its
-                // turn comes.
-                let (pf_b, pf_q) = if q1 < kb { (b, q1) } else { (b + 2, 0) };
-                for db in 0..if two_n { 2 } else { 1 } {
-                    for q in q0..q1 {
-                        let (src, st) = a_tile(b + db, q);
-                        let dst = slice_ptr.add(((db * KC_BLOCKS + (q - q0)) * 16) * 32);
-                        let pf = if pf_b + db < nb && pf_q + (q - q0) < kb {
-                            Some(a_tile(pf_b + db, pf_q + (q - q0)))
-                        } else {
-                            None
-                        };
-                        for row in 0..16 {
-                            let v =
-                                _mm512_loadu_si512((src as *const u8).add(row * st) as *const _);
-                            _mm512_store_si512(dst.add(row * 32) as *mut _, v);
-                            if let Some((pp, pst)) = pf {
-                                _mm_prefetch::<_MM_HINT_T0>(
-                                    (pp as *const u8).add(row * pst) as *const i8
-                                );
-                            }
+            if direct {
+                // At most two row blocks (a denoising step): each weight tile is used once,
+                // so it is loaded straight from the weights and the C tiles stay in
+                // registers over the whole k. The next weight-block pair (a contiguous
+                // region of W) is prefetched into L2 a few lines per k step, so the stream
+                // from memory runs ahead of the tiles.
+                let two_m = mblocks == 2;
+                let pf_start = ((b + 2) * 16).min(n) * k * 2;
+                let pf_end = ((b + 4) * 16).min(n) * k * 2;
+                let pf_per_step = (pf_end - pf_start).div_ceil(64 * kb);
+                let w_bytes = w16.as_ptr() as *const i8;
+                let mut pf = pf_start;
+                tile_zero!("0");
+                tile_zero!("1");
+                tile_zero!("2");
+                tile_zero!("3");
+                for q in 0..kb {
+                    for _ in 0..pf_per_step {
+                        if pf < pf_end {
+                            _mm_prefetch::<_MM_HINT_T1>(w_bytes.add(pf));
+                            pf += 64;
+                        }
+                    }
+                    let (a0, s0) = a_tile(b, q);
+                    tile_load!("4", a0, s0);
+                    tile_load!("6", b_tile(mb0, q), 64usize);
+                    tile_dp!("0", "4", "6");
+                    if two_m {
+                        tile_load!("7", b_tile(mb0 + 1, q), 64usize);
+                        tile_dp!("1", "4", "7");
+                    }
+                    if two_n {
+                        let (a1, s1) = a_tile(b + 1, q);
+                        tile_load!("5", a1, s1);
+                        tile_dp!("2", "5", "6");
+                        if two_m {
+                            tile_dp!("3", "5", "7");
                         }
                     }
                 }
-                let a_slice =
-                    |db: usize, q: usize| slice_ptr.add(((db * KC_BLOCKS + (q - q0)) * 16) * 32);
-                let mut mb = mb0;
-                while mb < mb_end {
-                    let two_m = mb + 1 < mb_end;
-                    let slot = |dm: usize, db: usize| cptr.add(((mb - mb0 + dm) * 2 + db) * 256);
-                    if q0 == 0 {
-                        tile_zero!("0");
-                        tile_zero!("1");
-                        tile_zero!("2");
-                        tile_zero!("3");
-                    } else {
-                        tile_load!("0", slot(0, 0), 64usize);
-                        if two_m {
-                            tile_load!("1", slot(1, 0), 64usize);
-                        }
-                        if two_n {
-                            tile_load!("2", slot(0, 1), 64usize);
-                            if two_m {
-                                tile_load!("3", slot(1, 1), 64usize);
-                            }
-                        }
+                let slot = |dm: usize, db: usize| cptr.add((dm * 2 + db) * 256);
+                tile_store!("0", slot(0, 0), 64usize);
+                if two_m {
+                    tile_store!("1", slot(1, 0), 64usize);
+                }
+                if two_n {
+                    tile_store!("2", slot(0, 1), 64usize);
+                    if two_m {
+                        tile_store!("3", slot(1, 1), 64usize);
                     }
-                    for q in q0..q1 {
-                        if q1 == kb {
-                            // Last slice: claim (prefetchw) this row-block pair's output lines
-                            // a few rows per k step, so the transposed stores after the row
-                            // loop hit cache instead of each waiting for its own
-                            // read-for-ownership (output rows are ldo apart: no hardware
-                            // prefetcher follows them).
-                            let per = 32usize.div_ceil(q1 - q0);
-                            let r0 = mb * 16 + (q - q0) * per;
-                            let r1 = (r0 + per).min(((mb + 2) * 16).min(m));
-                            let cols = if two_n { 32 } else { 16 }.min(n - b * 16);
-                            for r in r0..r1 {
-                                let row = out.add(r * ldo + b * 16) as *const i8;
-                                _mm_prefetch::<_MM_HINT_ET0>(row);
-                                _mm_prefetch::<_MM_HINT_ET0>(row.add(cols * 4 - 4));
-                                if cols > 16 {
-                                    _mm_prefetch::<_MM_HINT_ET0>(row.add(64));
+                }
+            } else {
+                let mut q0 = 0;
+                while q0 < kb {
+                    let q1 = (q0 + KC_BLOCKS).min(kb);
+                    // Copy the slice (16 rows of 64 bytes per block and k block); prefetch the
+                    // matching lines of the next slice on the way, so it is in cache when its
+                    // turn comes.
+                    let (pf_b, pf_q) = if q1 < kb { (b, q1) } else { (b + 2, 0) };
+                    for db in 0..if two_n { 2 } else { 1 } {
+                        for q in q0..q1 {
+                            let (src, st) = a_tile(b + db, q);
+                            let dst = slice_ptr.add(((db * KC_BLOCKS + (q - q0)) * 16) * 32);
+                            let pf = if pf_b + db < nb && pf_q + (q - q0) < kb {
+                                Some(a_tile(pf_b + db, pf_q + (q - q0)))
+                            } else {
+                                None
+                            };
+                            for row in 0..16 {
+                                let v = _mm512_loadu_si512(
+                                    (src as *const u8).add(row * st) as *const _
+                                );
+                                _mm512_store_si512(dst.add(row * 32) as *mut _, v);
+                                if let Some((pp, pst)) = pf {
+                                    _mm_prefetch::<_MM_HINT_T0>(
+                                        (pp as *const u8).add(row * pst) as *const i8
+                                    );
                                 }
                             }
                         }
-                        tile_load!("4", a_slice(0, q), 64usize);
-                        tile_load!("6", b_tile(mb, q), 64usize);
-                        tile_dp!("0", "4", "6");
-                        if two_m {
-                            tile_load!("7", b_tile(mb + 1, q), 64usize);
-                            tile_dp!("1", "4", "7");
-                        }
-                        if two_n {
-                            tile_load!("5", a_slice(1, q), 64usize);
-                            tile_dp!("2", "5", "6");
+                    }
+                    let a_slice = |db: usize, q: usize| {
+                        slice_ptr.add(((db * KC_BLOCKS + (q - q0)) * 16) * 32)
+                    };
+                    let mut mb = mb0;
+                    while mb < mb_end {
+                        let two_m = mb + 1 < mb_end;
+                        let slot =
+                            |dm: usize, db: usize| cptr.add(((mb - mb0 + dm) * 2 + db) * 256);
+                        if q0 == 0 {
+                            tile_zero!("0");
+                            tile_zero!("1");
+                            tile_zero!("2");
+                            tile_zero!("3");
+                        } else {
+                            tile_load!("0", slot(0, 0), 64usize);
                             if two_m {
-                                tile_dp!("3", "5", "7");
+                                tile_load!("1", slot(1, 0), 64usize);
+                            }
+                            if two_n {
+                                tile_load!("2", slot(0, 1), 64usize);
+                                if two_m {
+                                    tile_load!("3", slot(1, 1), 64usize);
+                                }
                             }
                         }
-                    }
-                    tile_store!("0", slot(0, 0), 64usize);
-                    if two_m {
-                        tile_store!("1", slot(1, 0), 64usize);
-                    }
-                    if two_n {
-                        tile_store!("2", slot(0, 1), 64usize);
-                        if two_m {
-                            tile_store!("3", slot(1, 1), 64usize);
+                        for q in q0..q1 {
+                            if q1 == kb {
+                                // Last slice: claim (prefetchw) this row-block pair's output lines
+                                // a few rows per k step, so the transposed stores after the row
+                                // loop hit cache instead of each waiting for its own
+                                // read-for-ownership (output rows are ldo apart: no hardware
+                                // prefetcher follows them).
+                                let per = 32usize.div_ceil(q1 - q0);
+                                let r0 = mb * 16 + (q - q0) * per;
+                                let r1 = (r0 + per).min(((mb + 2) * 16).min(m));
+                                let cols = if two_n { 32 } else { 16 }.min(n - b * 16);
+                                for r in r0..r1 {
+                                    let row = out.add(r * ldo + b * 16) as *const i8;
+                                    _mm_prefetch::<_MM_HINT_ET0>(row);
+                                    _mm_prefetch::<_MM_HINT_ET0>(row.add(cols * 4 - 4));
+                                    if cols > 16 {
+                                        _mm_prefetch::<_MM_HINT_ET0>(row.add(64));
+                                    }
+                                }
+                            }
+                            tile_load!("4", a_slice(0, q), 64usize);
+                            tile_load!("6", b_tile(mb, q), 64usize);
+                            tile_dp!("0", "4", "6");
+                            if two_m {
+                                tile_load!("7", b_tile(mb + 1, q), 64usize);
+                                tile_dp!("1", "4", "7");
+                            }
+                            if two_n {
+                                tile_load!("5", a_slice(1, q), 64usize);
+                                tile_dp!("2", "5", "6");
+                                if two_m {
+                                    tile_dp!("3", "5", "7");
+                                }
+                            }
                         }
+                        tile_store!("0", slot(0, 0), 64usize);
+                        if two_m {
+                            tile_store!("1", slot(1, 0), 64usize);
+                        }
+                        if two_n {
+                            tile_store!("2", slot(0, 1), 64usize);
+                            if two_m {
+                                tile_store!("3", slot(1, 1), 64usize);
+                            }
+                        }
+                        mb += if two_m { 2 } else { 1 };
                     }
-                    mb += if two_m { 2 } else { 1 };
+                    q0 = q1;
                 }
-                q0 = q1;
             }
             // Parked C tile: rows = 16 weight rows (outputs j), columns = 16 activation
             // rows. Transpose on the way out: one 16-lane gather per activation row, then
