@@ -613,6 +613,8 @@ fn amx_matches_reference_on_bf16_rounded_activations() {
         (70, 1176, 45),
         (300, 96, 20),
         (33, 3420, 17),
+        // Several passes over the weights (row chunks of 192).
+        (500, 4100, 40),
     ] {
         let x = rand_vec(m * k, 91 + k as u64);
         let w: Vec<bf16> = rand_vec(n * k, 92 + n as u64)
