@@ -84,6 +84,9 @@ pub struct CpuBackend {
     /// The kernels for bf16 weights: f32 activations, or bf16 matmul inputs (see
     /// [`CpuBackend::with_bf16`]) on AMX tiles or with `vdpbf16ps`.
     bf16: Bf16Kernel,
+    /// Whether f32 matmuls may run on AMX tiles as three bf16 terms (see
+    /// [`CpuBackend::with_f32_on_amx`]).
+    f32_on_amx: bool,
     #[cfg(feature = "std")]
     pool: Option<rayon::ThreadPool>,
 }
@@ -93,15 +96,19 @@ impl CpuBackend {
     /// environment can override: `DVL_ISA` (`portable`, `avx2`, `avx512`) lowers the ISA,
     /// `DVL_BF16=1` (or the older `DVL_AMX=1`) turns on [`CpuBackend::with_bf16`].
     pub fn single_threaded() -> Self {
-        let be = CpuBackend {
+        let mut be = CpuBackend {
             isa: dvl_kernels::cpu::detect_isa(),
             bf16: Bf16Kernel::F32,
+            f32_on_amx: true,
             #[cfg(feature = "std")]
             pool: None,
         };
+        be.bf16 = be.f32_kernel();
         #[cfg(feature = "std")]
         {
-            let mut be = be;
+            if std::env::var("DVL_AMX_F32").is_ok_and(|v| v == "0") {
+                be = be.with_f32_on_amx(false);
+            }
             if let Some(isa) = std::env::var("DVL_ISA").ok().and_then(|v| parse_isa(&v)) {
                 be = be.with_isa(isa);
             }
@@ -150,8 +157,34 @@ impl CpuBackend {
             self.isa = isa;
         }
         if self.isa != Isa::Avx512 {
-            // The bf16 kernels are AVX-512 code.
+            // The bf16 and AMX kernels are AVX-512 code.
             self.bf16 = Bf16Kernel::F32;
+        } else if !self.bf16() {
+            self.bf16 = self.f32_kernel();
+        }
+        self
+    }
+
+    /// The kernel for f32 activations: where AMX is granted, tiles with the activations
+    /// split into three bf16 terms for the few-row matmuls of denoising steps (as accurate
+    /// as f32 FMAs — products exact, f32 accumulation — and at the memory rate), else f32
+    /// FMAs.
+    fn f32_kernel(&self) -> Bf16Kernel {
+        #[cfg(target_arch = "x86_64")]
+        if self.f32_on_amx && self.isa == Isa::Avx512 && dvl_kernels::amx::available() {
+            return Bf16Kernel::AmxF32x3;
+        }
+        Bf16Kernel::F32
+    }
+
+    /// Allow (default) or forbid AMX tiles for f32 matmuls (three bf16 terms per
+    /// activation, see [`dvl_kernels::amx::split_bf16x3`]); forbidden, f32 matmuls use the
+    /// AVX-512/AVX2 FMA kernels. `DVL_AMX_F32=0` forbids it from the environment. No effect
+    /// in bf16 mode.
+    pub fn with_f32_on_amx(mut self, on: bool) -> Self {
+        self.f32_on_amx = on;
+        if !self.bf16() {
+            self.bf16 = self.f32_kernel();
         }
         self
     }
@@ -166,7 +199,7 @@ impl CpuBackend {
         #[cfg(target_arch = "x86_64")]
         {
             self.bf16 = if !on || self.isa != Isa::Avx512 {
-                Bf16Kernel::F32
+                self.f32_kernel()
             } else if dvl_kernels::amx::available() {
                 Bf16Kernel::Amx
             } else if dvl_kernels::cpu::has_avx512_bf16() {
@@ -187,20 +220,22 @@ impl CpuBackend {
         self.with_bf16(on)
     }
 
-    /// Whether AMX tiles are in use (bf16 mode on a CPU with AMX).
+    /// Whether AMX tiles are in use (bf16 mode, or f32 as three bf16 terms).
     pub fn amx(&self) -> bool {
-        self.bf16 == Bf16Kernel::Amx
+        matches!(self.bf16, Bf16Kernel::Amx | Bf16Kernel::AmxF32x3)
     }
 
-    /// Whether any matmul runs with bf16 inputs.
+    /// Whether any matmul runs with bf16-rounded inputs.
     pub fn bf16(&self) -> bool {
-        self.bf16 != Bf16Kernel::F32
+        matches!(self.bf16, Bf16Kernel::Amx | Bf16Kernel::Dot)
     }
 
-    /// Kernel set in words: `Avx512`, `Avx512+AMX` or `Avx512+BF16`.
+    /// Kernel set in words: `Avx512`, `Avx512+AMX(f32x3)` (f32 on tiles), `Avx512+AMX` or
+    /// `Avx512+BF16` (bf16 inputs).
     pub fn describe(&self) -> String {
         let suffix = match self.bf16 {
             Bf16Kernel::F32 => "",
+            Bf16Kernel::AmxF32x3 => "+AMX(f32x3)",
             Bf16Kernel::Amx => "+AMX",
             Bf16Kernel::Dot => "+BF16",
         };
@@ -237,6 +272,27 @@ enum Bf16Kernel {
     /// bf16-rounded activations with `vdpbf16ps`.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     Dot,
+    /// f32 activations split into three bf16 terms on AMX tiles (f32-accurate; the
+    /// default f32 kernels for denoising steps where AMX is granted, see `for_rows`).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    AmxF32x3,
+}
+
+/// Rows up to which f32 matmuls take [`Bf16Kernel::AmxF32x3`]. A denoising step streams
+/// every weight once and is memory-bound: three tile products per weight tile cost nothing
+/// there, while the FMA kernels run out of issue slots near the DRAM rate. Prefill and
+/// vision are compute-bound, where three tile passes (at this kernel's tile efficiency)
+/// are no faster than the FMA kernels, so they keep those.
+const AMX_F32_MAX_ROWS: usize = 32;
+
+impl Bf16Kernel {
+    /// The kernel for a matmul of `m` rows.
+    fn for_rows(self, m: usize) -> Self {
+        match self {
+            Bf16Kernel::AmxF32x3 if m > AMX_F32_MAX_ROWS => Bf16Kernel::F32,
+            k => k,
+        }
+    }
 }
 
 /// Columns `n0..n1` of `x · Wᵀ`, with the kernel chosen per backend (never per split, so
@@ -267,6 +323,11 @@ fn matmul_any(
         // SAFETY: `Amx` is only chosen after amx::available(); shapes as above.
         WData::BF16(s) if bf16 == Bf16Kernel::Amx => unsafe {
             dvl_kernels::amx::matmul_amx_bf16(x, m, k, &s[n0 * k..n1 * k], n1 - n0, b, out, ldo)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `AmxF32x3` is only chosen after amx::available(); shapes as above.
+        WData::BF16(s) if bf16 == Bf16Kernel::AmxF32x3 => unsafe {
+            dvl_kernels::amx::matmul_amx_f32x3(x, m, k, &s[n0 * k..n1 * k], n1 - n0, b, out, ldo)
         },
         WData::BF16(s) => matmul(isa, x, m, k, &s[n0 * k..n1 * k], n1 - n0, b, out, ldo),
         WData::F16(s) => matmul(isa, x, m, k, &s[n0 * k..n1 * k], n1 - n0, b, out, ldo),
@@ -309,6 +370,55 @@ impl CpuBackend {
         out: &mut [f32],
     ) {
         assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n);
+        if self.bf16 == Bf16Kernel::AmxF32x3 {
+            // f32 activations as three bf16 terms: 3m tile rows into a scratch, then the
+            // terms summed in a fixed order (row-parallel; same sums whatever the split).
+            let split = dvl_kernels::amx::split_bf16x3(x, m, k);
+            let mut t = vec![0f32; 3 * m * n];
+            self.matmul_amx_rows(&split, 3 * m, k, w, n, None, &mut t);
+            let combine = |(i0, o): (usize, &mut [f32])| {
+                let rows = o.len() / n;
+                // The three terms of rows i0.. sit at i0, m + i0, 2m + i0.
+                let mut part = vec![0f32; 3 * rows * n];
+                for p in 0..3 {
+                    part[p * rows * n..(p + 1) * rows * n]
+                        .copy_from_slice(&t[(p * m + i0) * n..(p * m + i0 + rows) * n]);
+                }
+                dvl_kernels::amx::combine_bf16x3(&part, rows, n, bias, o, n);
+            };
+            #[cfg(feature = "std")]
+            if let Some(pool) = &self.pool {
+                if m * n >= 1 << 16 {
+                    let per = m.div_ceil(self.threads());
+                    use rayon::prelude::*;
+                    pool.install(|| {
+                        out[..m * n]
+                            .par_chunks_mut(per * n)
+                            .enumerate()
+                            .map(|(c, o)| (c * per, o))
+                            .for_each(combine)
+                    });
+                    return;
+                }
+            }
+            combine((0, &mut out[..m * n]));
+            return;
+        }
+        self.matmul_amx_rows(x, m, k, w, n, bias, out);
+    }
+
+    /// [`CpuBackend::matmul_amx`] on bf16-rounded activations.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_amx_rows(
+        &self,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        w: &[dvl_kernels::bf16],
+        n: usize,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
         let packed = dvl_kernels::amx::pack_activations(x, m, k);
         let dst = SharedOut(out.as_mut_ptr());
         let piece = n.div_ceil(self.threads()).next_multiple_of(32);
@@ -359,8 +469,10 @@ impl Backend for CpuBackend {
         bias: Option<&[f32]>,
         out: &mut [f32],
     ) {
+        // Decided on the whole matmul's row count, never per thread split.
+        let bf16 = self.bf16.for_rows(m);
         #[cfg(target_arch = "x86_64")]
-        if let (true, WData::BF16(ws)) = (self.amx(), w) {
+        if let (Bf16Kernel::Amx | Bf16Kernel::AmxF32x3, WData::BF16(ws)) = (bf16, w) {
             self.matmul_amx(x, m, k, ws, n, bias, out);
             return;
         }
@@ -369,7 +481,6 @@ impl Backend for CpuBackend {
             use rayon::prelude::*;
             let threads = pool.current_num_threads();
             let isa = self.isa;
-            let bf16 = self.bf16;
             if m * n * k >= PAR_MIN_MACS && m >= 16 * threads {
                 // Many rows (prefill, vision): split rows; each thread's outputs are contiguous.
                 let per = m.div_ceil(threads * 4).next_multiple_of(4);
@@ -410,7 +521,7 @@ impl Backend for CpuBackend {
                 return;
             }
         }
-        matmul_any(self.isa, self.bf16, x, m, k, w, 0, n, bias, out, n);
+        matmul_any(self.isa, bf16, x, m, k, w, 0, n, bias, out, n);
     }
 
     fn logits_argmax(
@@ -425,7 +536,7 @@ impl Backend for CpuBackend {
         use dvl_kernels::softmax::ArgmaxPartial;
         // Vocabulary slices small enough that their logits stay in L2.
         const CHUNK: usize = 2048;
-        let (isa, bf16) = (self.isa, self.bf16);
+        let (isa, bf16) = (self.isa, self.bf16.for_rows(rows));
         let slice = |c: usize| -> Vec<ArgmaxPartial> {
             let (n0, n1) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
             let mut z = vec![0f32; rows * (n1 - n0)];

@@ -80,12 +80,24 @@ fn request_of(g: &Value, from_pixels: bool) -> Option<Request> {
     })
 }
 
+/// Which matmul kernels a run uses.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kernels {
+    /// The default f32 path (on AMX machines: f32 activations as three bf16 terms on tiles).
+    F32,
+    /// f32 with the AVX-512/AVX2 FMA kernels (AMX forbidden for f32).
+    F32Fma,
+    /// bf16-rounded matmul inputs (AMX tiles or vdpbf16ps).
+    Bf16,
+}
+
 fn check_case(
     path: &Path,
     engines: &mut BTreeMap<String, Engine>,
     from_pixels: bool,
-    amx: bool,
+    kernels: Kernels,
 ) -> Vec<String> {
+    let amx = kernels == Kernels::Bf16;
     let g: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
     let case = g["case"].as_str().unwrap().to_string();
     let model = g["model"].as_str().unwrap().to_string();
@@ -97,7 +109,10 @@ fn check_case(
     let engine = engines
         .entry(model.clone())
         .or_insert_with(|| Engine::open(&dir).unwrap());
-    let be = CpuBackend::with_threads(2).unwrap().with_amx(amx);
+    let be = CpuBackend::with_threads(2)
+        .unwrap()
+        .with_f32_on_amx(kernels != Kernels::F32Fma)
+        .with_bf16(amx);
     // Probe tolerance: fp32 engine 1e-5; with AMX (bf16-rounded matmul inputs) the
     // fixture README's bf16 bound, 1.5e-2.
     let tol = if amx { 1.5e-2 } else { 1e-5 };
@@ -306,12 +321,12 @@ fn check_case(
     errs
 }
 
-fn run_all(from_pixels: bool, amx: bool) {
+fn run_all(from_pixels: bool, kernels: Kernels) {
     let mut engines = BTreeMap::new();
     let mut errs = Vec::new();
     let cases = golden_cases();
     for c in &cases {
-        errs.extend(check_case(c, &mut engines, from_pixels, amx));
+        errs.extend(check_case(c, &mut engines, from_pixels, kernels));
     }
     assert!(
         errs.is_empty(),
@@ -325,13 +340,20 @@ fn run_all(from_pixels: bool, amx: bool) {
 /// The whole pipeline from image files.
 #[test]
 fn every_golden_case_matches_from_image_files() {
-    run_all(false, false)
+    run_all(false, Kernels::F32)
 }
 
 /// Vision tower, assembly and decoding from the fixtures' own `pixel_values`.
 #[test]
 fn every_golden_case_matches_from_fixture_pixels() {
-    run_all(true, false)
+    run_all(true, Kernels::F32)
+}
+
+/// The f32 FMA kernels (what the default path is on CPUs without AMX), also where AMX
+/// exists.
+#[test]
+fn every_golden_case_matches_with_f32_fma_kernels() {
+    run_all(true, Kernels::F32Fma)
 }
 
 /// With AMX tiles (bf16-rounded matmul inputs) for prefill and vision: the same traces, probes
@@ -342,5 +364,5 @@ fn every_golden_case_matches_with_bf16_inputs() {
         eprintln!("AMX not available: skipped");
         return;
     }
-    run_all(true, true)
+    run_all(true, Kernels::Bf16)
 }

@@ -561,6 +561,95 @@ pub unsafe fn matmul_amx_bf16_packed(
     asm!("tilerelease", options(nostack, nomem));
 }
 
+/// f32 activations on bf16 tiles: `x = hi + mid + lo` with each term a bf16 (`hi` = x
+/// rounded, `mid` = the remainder rounded, `lo` = what is left rounded; the three carry 24
+/// significant bits, all of an f32's). Products with bf16 weights are exact and the tiles
+/// accumulate in f32, so `x·W` from the three partial products is as accurate as an f32
+/// dot product — the default path's numerics at bf16-tile speed, for three times the tile
+/// work (a denoising step is memory-bound, so that work is hidden there).
+///
+/// Returns the `3m × k` split: rows `0..m` the `hi` terms, `m..2m` `mid`, `2m..3m` `lo`
+/// (each exactly a bf16, so packing them rounds nothing).
+pub fn split_bf16x3(x: &[f32], m: usize, k: usize) -> alloc::vec::Vec<f32> {
+    assert!(
+        x.len() >= m * k,
+        "split_bf16x3: x holds {} < {m}×{k}",
+        x.len()
+    );
+    let mut s = alloc::vec![0f32; 3 * m * k];
+    let (hi, rest) = s.split_at_mut(m * k);
+    let (mid, lo) = rest.split_at_mut(m * k);
+    let round = |v: f32| f32::from_bits((to_bf16_bits(v) as u32) << 16);
+    for (((&v, h), md), l) in x[..m * k].iter().zip(hi).zip(mid).zip(lo) {
+        if !v.is_finite() {
+            // inf/NaN travel in the first term alone (inf − inf would make a NaN).
+            *h = v;
+            continue;
+        }
+        *h = round(v);
+        let r1 = v - *h;
+        *md = round(r1);
+        *l = round(r1 - *md);
+    }
+    s
+}
+
+/// `out[i·ldo + j] = (t_hi + t_mid) + t_lo + bias[j]` over the three `m × n` partial
+/// products of a [`split_bf16x3`] matmul (`t`, `3m` rows of `n`), in this fixed order.
+pub fn combine_bf16x3(
+    t: &[f32],
+    m: usize,
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    assert!(t.len() >= 3 * m * n, "combine_bf16x3: t too small");
+    let (hi, rest) = t.split_at(m * n);
+    let (mid, lo) = rest.split_at(m * n);
+    for i in 0..m {
+        let r = i * n..(i + 1) * n;
+        let dst = &mut out[i * ldo..i * ldo + n];
+        for (j, d) in dst.iter_mut().enumerate() {
+            let v = (hi[r.start + j] + mid[r.start + j]) + lo[r.start + j];
+            *d = match bias {
+                Some(b) => v + b[j],
+                None => v,
+            };
+        }
+    }
+}
+
+/// `out[i·ldo + j] = Σ x[i·k + kk]·w[j·k + kk] + bias[j]` with f32 activations on bf16
+/// tiles ([`split_bf16x3`]): f32-accurate, single thread.
+///
+/// # Safety
+/// [`available`] must have returned true; slices must hold the shapes.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn matmul_amx_f32x3(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[bf16],
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        out.len() >= (m - 1) * ldo + n && ldo >= n,
+        "matmul_amx_f32x3: out too small"
+    );
+    let split = split_bf16x3(x, m, k);
+    let mut t = alloc::vec![0f32; 3 * m * n];
+    let packed = pack_activations(&split, 3 * m, k);
+    matmul_amx_bf16_packed(&packed, w, n, None, t.as_mut_ptr(), n);
+    combine_bf16x3(&t, m, n, bias, out, ldo);
+}
+
 /// In-register transpose of a 16×16 f32 tile (64 shuffles; 16 gathers cost about twice
 /// that): 32-bit then 64-bit interleaves inside 128-bit lanes, then two rounds of 128-bit
 /// lane shuffles.

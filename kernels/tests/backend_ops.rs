@@ -563,6 +563,81 @@ fn split_unmasking_equals_one_pass() {
 
 #[cfg(target_arch = "x86_64")]
 #[test]
+fn amx_f32x3_is_as_accurate_as_f32_kernels() {
+    // f32 activations split into three bf16 terms on the tiles: every output within f32
+    // accumulation error of the float64 reference, like the AVX-512 FMA kernel it stands in
+    // for, and rows independent of how many are computed together.
+    if !dvl_kernels::amx::available() {
+        eprintln!("AMX not available here: skipped");
+        return;
+    }
+    for &(m, k, n) in &[
+        (1, 1, 1),
+        (3, 31, 17),
+        (8, 896, 130),
+        (17, 40, 33),
+        (40, 1176, 45),
+        (70, 3420, 19),
+    ] {
+        let x: Vec<f32> = rand_vec(m * k, 11 + k as u64)
+            .iter()
+            .enumerate()
+            // Magnitudes over many octaves, so the lower terms matter.
+            .map(|(i, v)| v * (1.0 + (i % 13) as f32 * 37.0))
+            .collect();
+        let w: Vec<bf16> = rand_vec(n * k, 12 + n as u64)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect();
+        let bias = rand_vec(n, 13);
+        let mut want = vec![0f32; m * n];
+        reference::matmul(&x, m, k, &w, n, Some(&bias), &mut want);
+        let mut got = vec![f32::NAN; m * n];
+        unsafe { dvl_kernels::amx::matmul_amx_f32x3(&x, m, k, &w, n, Some(&bias), &mut got, n) };
+        let mut fma = vec![0f32; m * n];
+        matmul(Isa::Avx512, &x, m, k, &w, n, Some(&bias), &mut fma, n);
+        for i in 0..m {
+            for j in 0..n {
+                // f32 accumulation error bound: a few ulps of Σ|x·w| per term added.
+                let mag: f64 = (0..k)
+                    .map(|t| (x[i * k + t] as f64 * w[j * k + t].to_f64()).abs())
+                    .sum::<f64>()
+                    + bias[j].abs() as f64;
+                let bound = mag * (k as f64).sqrt().max(4.0) * 1.2e-7;
+                let e = (got[i * n + j] as f64 - want[i * n + j] as f64).abs();
+                let e_fma = (fma[i * n + j] as f64 - want[i * n + j] as f64).abs();
+                assert!(e <= bound, "m={m} k={k} n={n} ({i},{j}): err {e} > {bound}");
+                assert!(
+                    e_fma <= bound,
+                    "FMA kernel outside the bound itself: {e_fma}"
+                );
+            }
+        }
+        let mut one = vec![0f32; n];
+        unsafe {
+            dvl_kernels::amx::matmul_amx_f32x3(
+                &x[(m - 1) * k..],
+                1,
+                k,
+                &w,
+                n,
+                Some(&bias),
+                &mut one,
+                n,
+            )
+        };
+        assert_eq!(&one[..], &got[(m - 1) * n..]);
+    }
+    // Not finite inputs stay not finite.
+    let x = [f32::INFINITY, 1.0];
+    let w = [bf16::from_f32(1.0), bf16::from_f32(1.0)];
+    let mut out = [0f32];
+    unsafe { dvl_kernels::amx::matmul_amx_f32x3(&x, 1, 2, &w, 1, None, &mut out, 1) };
+    assert_eq!(out[0], f32::INFINITY);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
 fn amx_activation_packer_matches_its_reference_bitwise() {
     // Odd shapes (partial row blocks and k blocks), and values whose rounding is special:
     // ties to even, NaN, infinities, subnormals, the largest finite values.
