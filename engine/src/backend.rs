@@ -273,7 +273,7 @@ enum Bf16Kernel {
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     Dot,
     /// f32 activations split into three bf16 terms on AMX tiles (f32-accurate; the
-    /// default f32 kernels for denoising steps where AMX is granted, see `for_rows`).
+    /// default f32 kernels for denoising steps where AMX is granted, see `for_shape`).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     AmxF32x3,
 }
@@ -284,13 +284,17 @@ enum Bf16Kernel {
 /// vision are compute-bound, where three tile passes (at this kernel's tile efficiency)
 /// are no faster than the FMA kernels, so they keep those.
 const AMX_F32_MAX_ROWS: usize = 32;
+/// Shortest rows for [`Bf16Kernel::AmxF32x3`]: with a few k blocks per weight tile the
+/// transposed output stores outweigh the tile work (the tiny model's k = 64 lm_head runs
+/// slower on tiles than with FMAs).
+const AMX_F32_MIN_K: usize = 256;
 
 impl Bf16Kernel {
-    /// The kernel for a matmul of `m` rows.
-    fn for_rows(self, m: usize) -> Self {
+    /// The kernel for a matmul of `m` rows of `k`.
+    fn for_shape(self, m: usize, k: usize) -> Self {
         match self {
-            Bf16Kernel::AmxF32x3 if m > AMX_F32_MAX_ROWS => Bf16Kernel::F32,
-            k => k,
+            Bf16Kernel::AmxF32x3 if m > AMX_F32_MAX_ROWS || k < AMX_F32_MIN_K => Bf16Kernel::F32,
+            kernel => kernel,
         }
     }
 }
@@ -370,56 +374,12 @@ impl CpuBackend {
         out: &mut [f32],
     ) {
         assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n);
-        if self.bf16 == Bf16Kernel::AmxF32x3 {
-            // f32 activations as three bf16 terms: 3m tile rows into a scratch, then the
-            // terms summed in a fixed order (row-parallel; same sums whatever the split).
-            let split = dvl_kernels::amx::split_bf16x3(x, m, k);
-            let mut t = vec![0f32; 3 * m * n];
-            self.matmul_amx_rows(&split, 3 * m, k, w, n, None, &mut t);
-            let combine = |(i0, o): (usize, &mut [f32])| {
-                let rows = o.len() / n;
-                // The three terms of rows i0.. sit at i0, m + i0, 2m + i0.
-                let mut part = vec![0f32; 3 * rows * n];
-                for p in 0..3 {
-                    part[p * rows * n..(p + 1) * rows * n]
-                        .copy_from_slice(&t[(p * m + i0) * n..(p * m + i0 + rows) * n]);
-                }
-                dvl_kernels::amx::combine_bf16x3(&part, rows, n, bias, o, n);
-            };
-            #[cfg(feature = "std")]
-            if let Some(pool) = &self.pool {
-                if m * n >= 1 << 16 {
-                    let per = m.div_ceil(self.threads());
-                    use rayon::prelude::*;
-                    pool.install(|| {
-                        out[..m * n]
-                            .par_chunks_mut(per * n)
-                            .enumerate()
-                            .map(|(c, o)| (c * per, o))
-                            .for_each(combine)
-                    });
-                    return;
-                }
-            }
-            combine((0, &mut out[..m * n]));
-            return;
-        }
-        self.matmul_amx_rows(x, m, k, w, n, bias, out);
-    }
-
-    /// [`CpuBackend::matmul_amx`] on bf16-rounded activations.
-    #[allow(clippy::too_many_arguments)]
-    fn matmul_amx_rows(
-        &self,
-        x: &[f32],
-        m: usize,
-        k: usize,
-        w: &[dvl_kernels::bf16],
-        n: usize,
-        bias: Option<&[f32]>,
-        out: &mut [f32],
-    ) {
-        let packed = dvl_kernels::amx::pack_activations(x, m, k);
+        // f32 mode: three bf16 terms per activation, summed by the kernel.
+        let packed = if self.bf16 == Bf16Kernel::AmxF32x3 {
+            dvl_kernels::amx::pack_activations_f32x3(x, m, k)
+        } else {
+            dvl_kernels::amx::pack_activations(x, m, k)
+        };
         let dst = SharedOut(out.as_mut_ptr());
         let piece = n.div_ceil(self.threads()).next_multiple_of(32);
         let run = |p: usize| {
@@ -470,7 +430,7 @@ impl Backend for CpuBackend {
         out: &mut [f32],
     ) {
         // Decided on the whole matmul's row count, never per thread split.
-        let bf16 = self.bf16.for_rows(m);
+        let bf16 = self.bf16.for_shape(m, k);
         #[cfg(target_arch = "x86_64")]
         if let (Bf16Kernel::Amx | Bf16Kernel::AmxF32x3, WData::BF16(ws)) = (bf16, w) {
             self.matmul_amx(x, m, k, ws, n, bias, out);
@@ -536,7 +496,7 @@ impl Backend for CpuBackend {
         use dvl_kernels::softmax::ArgmaxPartial;
         // Vocabulary slices small enough that their logits stay in L2.
         const CHUNK: usize = 2048;
-        let (isa, bf16) = (self.isa, self.bf16.for_rows(rows));
+        let (isa, bf16) = (self.isa, self.bf16.for_shape(rows, k));
         let slice = |c: usize| -> Vec<ArgmaxPartial> {
             let (n0, n1) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
             let mut z = vec![0f32; rows * (n1 - n0)];

@@ -143,8 +143,11 @@ macro_rules! tile_zero {
 /// x[16·mb + i][32·q + 2r + e], zero past m or k.
 pub struct PackedActs {
     data: alloc::vec::Vec<u16>,
+    /// Packed rows (3 per output row for [`pack_activations_f32x3`]).
     m: usize,
     k: usize,
+    /// Packed rows per output row: 1, or 3 when rows `p·m_out + i` hold term `p` of row `i`.
+    parts: usize,
 }
 
 impl PackedActs {
@@ -171,7 +174,12 @@ pub fn pack_activations(x: &[f32], m: usize, k: usize) -> PackedActs {
     let mut data = alloc_zeroed(m.div_ceil(16) * k.div_ceil(32) * 512);
     // SAFETY: AMX implies AVX-512 F/BW (probe); x holds m×k, data the packed size.
     unsafe { pack_avx512(x, m, k, &mut data) };
-    PackedActs { data, m, k }
+    PackedActs {
+        data,
+        m,
+        k,
+        parts: 1,
+    }
 }
 
 /// The scalar packer: one value at a time, the definition of the layout.
@@ -200,7 +208,12 @@ pub fn pack_activations_reference(x: &[f32], m: usize, k: usize) -> PackedActs {
             }
         }
     }
-    PackedActs { data, m, k }
+    PackedActs {
+        data,
+        m,
+        k,
+        parts: 1,
+    }
 }
 
 /// Block (mb, q) at a time: each of its 16 rows' 32 values rounded to bf16 and narrowed
@@ -297,10 +310,16 @@ pub unsafe fn matmul_amx_bf16_packed(
     out: *mut f32,
     ldo: usize,
 ) {
-    let (m, k) = (packed.m, packed.k);
+    let (m, k, parts) = (packed.m, packed.k, packed.parts);
     if m == 0 || n == 0 {
         return;
     }
+    // Output row of packed row v. With three terms per row they are summed on the way
+    // out in packed-row order: term 0 stored, term 1 added, term 2 added and then the bias
+    // — ((hi + mid) + lo) + bias whatever the chunking or thread split (rows are packed
+    // hi block, mid block, lo block, and chunks and row blocks run in ascending order).
+    let m_out = m / parts;
+    let out_row = |v: usize| out.add((v % m_out) * ldo);
     assert!(w.len() >= n * k, "matmul_amx_bf16_packed: w too small");
     let kb = k.div_ceil(32); // k blocks of 32
     let kp = kb * 32;
@@ -346,15 +365,16 @@ pub unsafe fn matmul_amx_bf16_packed(
     // the slicing.
     let mut cbuf = alloc::vec![0f32; chunk.min(m).div_ceil(16) * 2 * 256];
     let cptr = cbuf.as_mut_ptr();
-    // The current weight slice, 64-byte aligned: 2 blocks × KC_BLOCKS k blocks × 16 rows of
-    // 32 bf16.
-    let mut slice_buf = alloc::vec![0u16; 2 * KC_BLOCKS * 16 * 32 + 32];
+    // Denoising steps (≤ 32 rows) take the direct path below.
+    let direct = m <= 32;
+    // The current weight slice of the sliced path, 64-byte aligned: 2 blocks × KC_BLOCKS
+    // k blocks × 16 rows of 32 bf16.
+    let slice_len = if direct { 0 } else { 2 * KC_BLOCKS * 16 * 32 };
+    let mut slice_buf = alloc::vec![0u16; slice_len + 32];
     let slice_ptr = {
         let p = slice_buf.as_mut_ptr();
         p.add(p.align_offset(64))
     };
-    // Denoising steps (≤ 32 rows) take the direct path below.
-    let direct = m <= 32;
     let mut m0 = 0;
     while m0 < m {
         let mc = chunk.min(m - m0);
@@ -486,7 +506,7 @@ pub unsafe fn matmul_amx_bf16_packed(
                                 let r1 = (r0 + per).min(((mb + 2) * 16).min(m));
                                 let cols = if two_n { 32 } else { 16 }.min(n - b * 16);
                                 for r in r0..r1 {
-                                    let row = out.add(r * ldo + b * 16) as *const i8;
+                                    let row = out_row(r).add(b * 16) as *const i8;
                                     _mm_prefetch::<_MM_HINT_ET0>(row);
                                     _mm_prefetch::<_MM_HINT_ET0>(row.add(cols * 4 - 4));
                                     if cols > 16 {
@@ -549,8 +569,18 @@ pub unsafe fn matmul_amx_bf16_packed(
                     let i_base = mb * 16;
                     let mvalid = m.saturating_sub(i_base).min(16);
                     for (ir, &col) in rows.iter().enumerate().take(mvalid) {
-                        let dst = out.add((i_base + ir) * ldo + j0);
-                        _mm512_mask_storeu_ps(dst, jmask, _mm512_add_ps(col, bias_v));
+                        let v = i_base + ir;
+                        let dst = out_row(v).add(j0);
+                        let val = match (parts, v / m_out) {
+                            (1, _) => _mm512_add_ps(col, bias_v),
+                            (_, 0) => col,
+                            (_, 1) => _mm512_add_ps(_mm512_maskz_loadu_ps(jmask, dst), col),
+                            _ => _mm512_add_ps(
+                                _mm512_add_ps(_mm512_maskz_loadu_ps(jmask, dst), col),
+                                bias_v,
+                            ),
+                        };
+                        _mm512_mask_storeu_ps(dst, jmask, val);
                     }
                 }
             }
@@ -594,32 +624,6 @@ pub fn split_bf16x3(x: &[f32], m: usize, k: usize) -> alloc::vec::Vec<f32> {
     s
 }
 
-/// `out[i·ldo + j] = (t_hi + t_mid) + t_lo + bias[j]` over the three `m × n` partial
-/// products of a [`split_bf16x3`] matmul (`t`, `3m` rows of `n`), in this fixed order.
-pub fn combine_bf16x3(
-    t: &[f32],
-    m: usize,
-    n: usize,
-    bias: Option<&[f32]>,
-    out: &mut [f32],
-    ldo: usize,
-) {
-    assert!(t.len() >= 3 * m * n, "combine_bf16x3: t too small");
-    let (hi, rest) = t.split_at(m * n);
-    let (mid, lo) = rest.split_at(m * n);
-    for i in 0..m {
-        let r = i * n..(i + 1) * n;
-        let dst = &mut out[i * ldo..i * ldo + n];
-        for (j, d) in dst.iter_mut().enumerate() {
-            let v = (hi[r.start + j] + mid[r.start + j]) + lo[r.start + j];
-            *d = match bias {
-                Some(b) => v + b[j],
-                None => v,
-            };
-        }
-    }
-}
-
 /// `out[i·ldo + j] = Σ x[i·k + kk]·w[j·k + kk] + bias[j]` with f32 activations on bf16
 /// tiles ([`split_bf16x3`]): f32-accurate, single thread.
 ///
@@ -643,11 +647,17 @@ pub unsafe fn matmul_amx_f32x3(
         out.len() >= (m - 1) * ldo + n && ldo >= n,
         "matmul_amx_f32x3: out too small"
     );
-    let split = split_bf16x3(x, m, k);
-    let mut t = alloc::vec![0f32; 3 * m * n];
-    let packed = pack_activations(&split, 3 * m, k);
-    matmul_amx_bf16_packed(&packed, w, n, None, t.as_mut_ptr(), n);
-    combine_bf16x3(&t, m, n, bias, out, ldo);
+    let packed = pack_activations_f32x3(x, m, k);
+    matmul_amx_bf16_packed(&packed, w, n, bias, out.as_mut_ptr(), ldo);
+}
+
+/// Pack `x` for [`matmul_amx_bf16_packed`] as three bf16 terms per value
+/// ([`split_bf16x3`]); the kernel sums the terms' products on the way out, so the result
+/// is the f32-accurate `x·Wᵀ`.
+pub fn pack_activations_f32x3(x: &[f32], m: usize, k: usize) -> PackedActs {
+    let mut p = pack_activations(&split_bf16x3(x, m, k), 3 * m, k);
+    p.parts = 3;
+    p
 }
 
 /// In-register transpose of a 16×16 f32 tile (64 shuffles; 16 gathers cost about twice

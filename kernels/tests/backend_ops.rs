@@ -578,6 +578,8 @@ fn amx_f32x3_is_as_accurate_as_f32_kernels() {
         (17, 40, 33),
         (40, 1176, 45),
         (70, 3420, 19),
+        // 300 packed rows in two passes of 160: the mid terms straddle the boundary.
+        (100, 4100, 20),
     ] {
         let x: Vec<f32> = rand_vec(m * k, 11 + k as u64)
             .iter()
