@@ -87,6 +87,8 @@ pub struct CpuBackend {
     /// Whether f32 matmuls may run on AMX tiles as three bf16 terms (see
     /// [`CpuBackend::with_f32_on_amx`]).
     f32_on_amx: bool,
+    /// Shortest rows for that (see `AMX_F32_MIN_K`).
+    f32_amx_min_k: usize,
     #[cfg(feature = "std")]
     pool: Option<rayon::ThreadPool>,
 }
@@ -100,6 +102,7 @@ impl CpuBackend {
             isa: dvl_kernels::cpu::detect_isa(),
             bf16: Bf16Kernel::F32,
             f32_on_amx: true,
+            f32_amx_min_k: AMX_F32_MIN_K,
             #[cfg(feature = "std")]
             pool: None,
         };
@@ -273,7 +276,7 @@ enum Bf16Kernel {
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     Dot,
     /// f32 activations split into three bf16 terms on AMX tiles (f32-accurate; the
-    /// default f32 kernels for denoising steps where AMX is granted, see `for_shape`).
+    /// default f32 kernels for denoising steps where AMX is granted, see `kernel_for`).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     AmxF32x3,
 }
@@ -289,13 +292,23 @@ const AMX_F32_MAX_ROWS: usize = 32;
 /// slower on tiles than with FMAs).
 const AMX_F32_MIN_K: usize = 256;
 
-impl Bf16Kernel {
+impl CpuBackend {
     /// The kernel for a matmul of `m` rows of `k`.
-    fn for_shape(self, m: usize, k: usize) -> Self {
-        match self {
-            Bf16Kernel::AmxF32x3 if m > AMX_F32_MAX_ROWS || k < AMX_F32_MIN_K => Bf16Kernel::F32,
+    fn kernel_for(&self, m: usize, k: usize) -> Bf16Kernel {
+        match self.bf16 {
+            Bf16Kernel::AmxF32x3 if m > AMX_F32_MAX_ROWS || k < self.f32_amx_min_k => {
+                Bf16Kernel::F32
+            }
             kernel => kernel,
         }
+    }
+
+    /// Lower the shortest row length that takes f32 matmuls to AMX tiles (default 256):
+    /// lets tests run that path on the tiny fixture models (k = 64).
+    #[doc(hidden)]
+    pub fn with_f32_amx_min_k(mut self, k: usize) -> Self {
+        self.f32_amx_min_k = k;
+        self
     }
 }
 
@@ -430,7 +443,7 @@ impl Backend for CpuBackend {
         out: &mut [f32],
     ) {
         // Decided on the whole matmul's row count, never per thread split.
-        let bf16 = self.bf16.for_shape(m, k);
+        let bf16 = self.kernel_for(m, k);
         #[cfg(target_arch = "x86_64")]
         if let (Bf16Kernel::Amx | Bf16Kernel::AmxF32x3, WData::BF16(ws)) = (bf16, w) {
             self.matmul_amx(x, m, k, ws, n, bias, out);
@@ -496,7 +509,7 @@ impl Backend for CpuBackend {
         use dvl_kernels::softmax::ArgmaxPartial;
         // Vocabulary slices small enough that their logits stay in L2.
         const CHUNK: usize = 2048;
-        let (isa, bf16) = (self.isa, self.bf16.for_shape(rows, k));
+        let (isa, bf16) = (self.isa, self.kernel_for(rows, k));
         let slice = |c: usize| -> Vec<ArgmaxPartial> {
             let (n0, n1) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
             let mut z = vec![0f32; rows * (n1 - n0)];

@@ -87,6 +87,9 @@ enum Kernels {
     F32,
     /// f32 with the AVX-512/AVX2 FMA kernels (AMX forbidden for f32).
     F32Fma,
+    /// f32 with AMX tiles (three bf16 terms) for every few-row matmul, however short its
+    /// rows (by default only rows of 256 and more, which the tiny models do not have).
+    F32AmxAll,
     /// bf16-rounded matmul inputs (AMX tiles or vdpbf16ps).
     Bf16,
 }
@@ -112,6 +115,11 @@ fn check_case(
     let be = CpuBackend::with_threads(2)
         .unwrap()
         .with_f32_on_amx(kernels != Kernels::F32Fma)
+        .with_f32_amx_min_k(if kernels == Kernels::F32AmxAll {
+            0
+        } else {
+            256
+        })
         .with_bf16(amx);
     // Probe tolerance: fp32 engine 1e-5; with AMX (bf16-rounded matmul inputs) the
     // fixture README's bf16 bound, 1.5e-2.
@@ -354,6 +362,18 @@ fn every_golden_case_matches_from_fixture_pixels() {
 #[test]
 fn every_golden_case_matches_with_f32_fma_kernels() {
     run_all(true, Kernels::F32Fma)
+}
+
+/// Denoising-step matmuls on AMX tiles with f32 activations as three bf16 terms (what
+/// real-size models get on AMX machines): f32 numerics, the same traces. Skipped without
+/// AMX.
+#[test]
+fn every_golden_case_matches_with_f32_on_amx_tiles() {
+    if !CpuBackend::single_threaded().with_f32_amx_min_k(0).amx() {
+        eprintln!("AMX not available: skipped");
+        return;
+    }
+    run_all(true, Kernels::F32AmxAll)
 }
 
 /// With AMX tiles (bf16-rounded matmul inputs) for prefill and vision: the same traces, probes
