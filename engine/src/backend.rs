@@ -69,12 +69,56 @@ pub trait Backend: Sync {
             .collect()
     }
 
-    /// RMSNorm of each `w.len()`-wide row of `x` into `out`.
+    // Element-wise work between the matmuls. The defaults are the scalar references on the
+    // calling thread; a backend may split rows across threads or vectorise, but must give
+    // the same result for every element.
+
+    /// RMSNorm of each `w.len()`-wide row of `x` into `out` (spec §7.1, §5.1(f)).
     fn rms_norm(&self, x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-        let d = w.len();
-        for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-            dvl_kernels::norm::rms_norm(xr, w, eps, or);
-        }
+        dvl_kernels::norm::rms_norm_rows_ref(x, w, eps, out);
+    }
+
+    /// LayerNorm with weight and bias of each `w.len()`-wide row of `x` into `out` (SigLIP,
+    /// spec §5.2).
+    fn layer_norm(&self, x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
+        dvl_kernels::norm::layer_norm_rows_ref(x, w, b, eps, out);
+    }
+
+    /// Rotate-half RoPE in place on `n_heads` heads of `head_dim` at the start of each of
+    /// `rows` rows of `x` (`stride` apart), with per-row tables `cos`, `sin`
+    /// `[rows, head_dim]` (spec §7.2, §5.1(b)).
+    #[allow(clippy::too_many_arguments)]
+    fn rope(
+        &self,
+        x: &mut [f32],
+        rows: usize,
+        n_heads: usize,
+        head_dim: usize,
+        stride: usize,
+        cos: &[f32],
+        sin: &[f32],
+    ) {
+        dvl_kernels::rope::rope_rows_ref(x, rows, n_heads, head_dim, stride, cos, sin);
+    }
+
+    /// `gate = silu(gate) ⊙ up` (spec §7.1).
+    fn silu_mul(&self, gate: &mut [f32], up: &[f32]) {
+        dvl_kernels::elementwise::silu_mul(gate, up);
+    }
+
+    /// `acc += x` (residual adds).
+    fn add_inplace(&self, acc: &mut [f32], x: &[f32]) {
+        dvl_kernels::elementwise::add_inplace(acc, x);
+    }
+
+    /// Exact GELU in place (Qwen merger, SigLIP projector).
+    fn gelu_erf(&self, x: &mut [f32]) {
+        dvl_kernels::elementwise::gelu_erf(x);
+    }
+
+    /// Tanh-approximated GELU in place (SigLIP MLP).
+    fn gelu_tanh(&self, x: &mut [f32]) {
+        dvl_kernels::elementwise::gelu_tanh(x);
     }
 }
 
@@ -264,6 +308,12 @@ impl CpuBackend {
 #[cfg(feature = "std")]
 const PAR_MIN_MACS: usize = 1 << 20;
 
+/// Element-wise work on fewer elements than this stays on the calling thread: with vector
+/// code a 64k-element pass takes ~10–30 µs, about what waking the pool costs. Denoising
+/// steps of the small models (8 rows) stay single-threaded; prefill and vision rows split.
+#[cfg(feature = "std")]
+const PAR_MIN_ELEMS: usize = 1 << 16;
+
 /// The kernel family for bf16 weights, decided per backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Bf16Kernel {
@@ -421,6 +471,49 @@ impl CpuBackend {
     }
 }
 
+impl CpuBackend {
+    /// `f(first_row, n_rows, piece)` over pieces of `out` holding whole rows (`row` elements
+    /// apart; the last piece is whatever remains of `out`), `align` rows or a multiple of
+    /// it per piece: on the pool when `rows · row` reaches [`PAR_MIN_ELEMS`], else once on
+    /// this thread. Pieces are disjoint and every row is computed by the same code whatever
+    /// the split, so results do not depend on the thread count.
+    fn for_rows(
+        &self,
+        out: &mut [f32],
+        rows: usize,
+        row: usize,
+        align: usize,
+        f: impl Fn(usize, usize, &mut [f32]) + Sync,
+    ) {
+        if rows == 0 {
+            return;
+        }
+        #[cfg(feature = "std")]
+        if let Some(pool) = &self.pool {
+            if rows * row >= PAR_MIN_ELEMS && rows > align && row > 0 {
+                use rayon::prelude::*;
+                let per = rows
+                    .div_ceil(pool.current_num_threads() * 4)
+                    .next_multiple_of(align);
+                pool.install(|| {
+                    out.par_chunks_mut(per * row)
+                        .enumerate()
+                        .for_each(|(c, piece)| {
+                            let r0 = c * per;
+                            if r0 < rows {
+                                f(r0, per.min(rows - r0), piece);
+                            }
+                        })
+                });
+                return;
+            }
+        }
+        #[cfg(not(feature = "std"))]
+        let _ = (row, align);
+        f(0, rows, out);
+    }
+}
+
 /// `portable`, `avx2` or `avx512`.
 pub fn parse_isa(name: &str) -> Option<Isa> {
     match name {
@@ -495,6 +588,90 @@ impl Backend for CpuBackend {
             }
         }
         matmul_any(self.isa, bf16, x, m, k, w, 0, n, bias, out, n);
+    }
+
+    fn rms_norm(&self, x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+        let d = w.len();
+        if d == 0 {
+            return;
+        }
+        let rows = x.len().min(out.len()) / d;
+        let isa = self.isa;
+        // Eight rows per piece: the AVX-512 kernel runs eight rows' sums side by side.
+        self.for_rows(&mut out[..rows * d], rows, d, 8, |r0, n, o| {
+            dvl_kernels::norm::rms_norm_rows(isa, &x[r0 * d..(r0 + n) * d], w, eps, o);
+        });
+    }
+
+    fn layer_norm(&self, x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
+        let d = w.len();
+        if d == 0 {
+            return;
+        }
+        let rows = x.len().min(out.len()) / d;
+        let isa = self.isa;
+        self.for_rows(&mut out[..rows * d], rows, d, 8, |r0, n, o| {
+            dvl_kernels::norm::layer_norm_rows(isa, &x[r0 * d..(r0 + n) * d], w, b, eps, o);
+        });
+    }
+
+    fn rope(
+        &self,
+        x: &mut [f32],
+        rows: usize,
+        n_heads: usize,
+        head_dim: usize,
+        stride: usize,
+        cos: &[f32],
+        sin: &[f32],
+    ) {
+        let isa = self.isa;
+        let hd = head_dim;
+        if rows > 0 {
+            assert!(
+                stride >= n_heads * hd && x.len() >= (rows - 1) * stride + n_heads * hd,
+                "rope: x too short for {rows} rows of stride {stride}"
+            );
+        }
+        let len = if rows == 0 {
+            0
+        } else {
+            (rows - 1) * stride + n_heads * hd
+        };
+        self.for_rows(&mut x[..len], rows, stride, 1, |r0, n, xs| {
+            let (c, s) = (&cos[r0 * hd..(r0 + n) * hd], &sin[r0 * hd..(r0 + n) * hd]);
+            dvl_kernels::rope::rope_rows(isa, xs, n, n_heads, hd, stride, c, s);
+        });
+    }
+
+    fn silu_mul(&self, gate: &mut [f32], up: &[f32]) {
+        let n = gate.len().min(up.len());
+        let isa = self.isa;
+        self.for_rows(&mut gate[..n], n, 1, 64, |i, n, g| {
+            dvl_kernels::elementwise::silu_mul_isa(isa, g, &up[i..i + n]);
+        });
+    }
+
+    fn add_inplace(&self, acc: &mut [f32], x: &[f32]) {
+        let n = acc.len().min(x.len());
+        let isa = self.isa;
+        self.for_rows(&mut acc[..n], n, 1, 64, |i, n, a| {
+            dvl_kernels::elementwise::add_inplace_isa(isa, a, &x[i..i + n]);
+        });
+    }
+
+    fn gelu_erf(&self, x: &mut [f32]) {
+        let (isa, n) = (self.isa, x.len());
+        self.for_rows(x, n, 1, 64, |_, _, v| {
+            dvl_kernels::elementwise::gelu_erf_isa(isa, v);
+        });
+    }
+
+    fn gelu_tanh(&self, x: &mut [f32]) {
+        let (isa, n) = (self.isa, x.len());
+        self.for_rows(x, n, 1, 64, |_, _, v| {
+            dvl_kernels::elementwise::gelu_tanh_isa(isa, v);
+        });
     }
 
     fn logits_argmax(
@@ -591,5 +768,115 @@ impl Backend for CpuBackend {
             }
         }
         run(0, q, out, n_q);
+    }
+}
+
+#[cfg(all(test, feature = "std"))]
+mod tests {
+    use super::*;
+
+    /// The trait's default (scalar, single-threaded) element-wise methods.
+    struct Defaults;
+
+    impl Backend for Defaults {
+        fn matmul(
+            &self,
+            _: &[f32],
+            _: usize,
+            _: usize,
+            _: WData<'_>,
+            _: usize,
+            _: Option<&[f32]>,
+            _: &mut [f32],
+        ) {
+            unimplemented!()
+        }
+        fn attention(
+            &self,
+            _: &[f32],
+            _: usize,
+            _: &[f32],
+            _: &[f32],
+            _: &mut [f32],
+            _: AttnShape,
+            _: f32,
+            _: KeyRange<'_>,
+        ) {
+            unimplemented!()
+        }
+    }
+
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 6.0 - 3.0
+            })
+            .collect()
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// Pooled, vectorised element-wise ops give the scalar single-thread results bit for
+    /// bit, for every ISA and thread count, above and below the pool threshold.
+    #[test]
+    fn element_wise_ops_equal_the_scalar_defaults() {
+        let want = Defaults;
+        for isa in dvl_kernels::cpu::supported_isas() {
+            for threads in [1, 2, 3] {
+                let be = CpuBackend::with_threads(threads).unwrap().with_isa(*isa);
+                // (rows, d): a decode step (below PAR_MIN_ELEMS) and a prefill (above).
+                for (rows, d) in [(8usize, 96usize), (301, 896), (1025, 80)] {
+                    let n = rows * d;
+                    let what = format!("{isa:?} {threads} threads {rows}×{d}");
+                    let x = rand_vec(n, 1);
+                    let y = rand_vec(n, 2);
+                    let w = rand_vec(d, 3);
+                    let b = rand_vec(d, 4);
+                    let (mut o1, mut o2) = (vec![0f32; n], vec![0f32; n]);
+                    want.rms_norm(&x, &w, 1e-6, &mut o1);
+                    be.rms_norm(&x, &w, 1e-6, &mut o2);
+                    assert_eq!(bits(&o1), bits(&o2), "rms_norm {what}");
+                    want.layer_norm(&x, &w, &b, 1e-6, &mut o1);
+                    be.layer_norm(&x, &w, &b, 1e-6, &mut o2);
+                    assert_eq!(bits(&o1), bits(&o2), "layer_norm {what}");
+                    type Unary = fn(&dyn Backend, &mut [f32]);
+                    let unary: [(&str, Unary); 2] = [
+                        ("gelu_erf", |be, v| be.gelu_erf(v)),
+                        ("gelu_tanh", |be, v| be.gelu_tanh(v)),
+                    ];
+                    for (name, f) in unary {
+                        let (mut a, mut c) = (x.clone(), x.clone());
+                        f(&want, &mut a);
+                        f(&be, &mut c);
+                        assert_eq!(bits(&a), bits(&c), "{name} {what}");
+                    }
+                    let (mut a, mut c) = (x.clone(), x.clone());
+                    want.silu_mul(&mut a, &y);
+                    be.silu_mul(&mut c, &y);
+                    assert_eq!(bits(&a), bits(&c), "silu_mul {what}");
+                    want.add_inplace(&mut a, &y);
+                    be.add_inplace(&mut c, &y);
+                    assert_eq!(bits(&a), bits(&c), "add_inplace {what}");
+                    // RoPE: heads of 16 (d = 96: 6 heads; 896: 56; 80: 5), tables per row.
+                    let hd = 16;
+                    let (cos, sin): (Vec<f32>, Vec<f32>) = rand_vec(rows * hd, 5)
+                        .iter()
+                        .map(|t| (t.cos(), t.sin()))
+                        .unzip();
+                    for heads in [d / hd, d / hd - 1] {
+                        let (mut a, mut c) = (x.clone(), x.clone());
+                        want.rope(&mut a, rows, heads, hd, d, &cos, &sin);
+                        be.rope(&mut c, rows, heads, hd, d, &cos, &sin);
+                        assert_eq!(bits(&a), bits(&c), "rope {heads} heads {what}");
+                    }
+                }
+            }
+        }
     }
 }

@@ -13,6 +13,42 @@
 
 extern crate alloc;
 
+/// `$vis fn $name(isa, args…)`: runs `$body::<V>(args…)` compiled for AVX-512 (`V` =
+/// `$v512`) or AVX2 (`$v256`) as `isa` says, else the portable `$portable(args…)`.
+macro_rules! dispatch {
+    (
+        $(#[$meta:meta])*
+        $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?)
+            => $body:ident::<$v512:ty | $v256:ty>, else $portable:expr
+    ) => {
+        $(#[$meta])*
+        $vis fn $name(isa: $crate::matmul::Isa, $($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    $body::<$v512>($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    $body::<$v256>($($arg),*)
+                }
+                match isa {
+                    // SAFETY: Isa values come from cpu::detect_isa, which checked CPU and OS
+                    // support; the bodies check their slice lengths.
+                    $crate::matmul::Isa::Avx512 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: as above.
+                    $crate::matmul::Isa::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::matmul::Isa::Portable => {}
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = isa;
+            $portable($($arg),*)
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 pub mod amx;
 pub mod attention;
@@ -25,6 +61,8 @@ pub mod matmul;
 pub mod norm;
 pub mod reference;
 pub mod rope;
+#[cfg(target_arch = "x86_64")]
+mod simd;
 pub mod softmax;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;

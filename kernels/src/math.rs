@@ -8,20 +8,32 @@ const LN2_LO: f32 = -2.121_944_4e-4;
 /// 1.5·2²³: adding and subtracting it rounds to the nearest integer in f32.
 const ROUND: f32 = 12_582_912.0;
 
+/// Below this `exp_f32` is 0, above [`HI`] +inf.
+const LO: f32 = -87.3;
+const HI: f32 = 88.7;
+/// Minimax polynomial for e^r on |r| <= ln2/2 (Cephes expf coefficients), highest first.
+const P: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5,
+];
+
 /// `e^x` within ~2 ulp for x in [-87.3, 88.7]; 0 below, +inf above.
 #[inline(always)]
 pub fn exp_f32(x: f32) -> f32 {
-    let xc = x.clamp(-87.3, 88.7);
+    let xc = x.clamp(LO, HI);
     let t = xc * LOG2E + ROUND;
     let n = t - ROUND;
     let r = xc - n * LN2_HI - n * LN2_LO;
-    // Minimax polynomial for e^r on |r| <= ln2/2 (Cephes expf coefficients).
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
+    let mut p = P[0];
+    p = p * r + P[1];
+    p = p * r + P[2];
+    p = p * r + P[3];
+    p = p * r + P[4];
+    p = p * r + P[5];
     let e = p * r * r + r + 1.0;
     // 2ⁿ straight from t's bits: t = 1.5·2²³ + n has ulp 1, so its low mantissa bits hold
     // n (offset by ROUND's bits). Integer ops only: a float→int cast (`n as i32`) saturates
@@ -33,12 +45,33 @@ pub fn exp_f32(x: f32) -> f32 {
             .wrapping_shl(23),
     );
     let v = e * scale;
-    let v = if x < -87.3 { 0.0 } else { v };
-    if x > 88.7 {
+    let v = if x < LO { 0.0 } else { v };
+    if x > HI {
         f32::INFINITY
     } else {
         v
     }
+}
+
+/// [`exp_f32`] on vector lanes: the same operations in the same order (bit-identical,
+/// NaN propagated as by `f32::clamp`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn exp_v<V: crate::simd::F32x>(x: V) -> V {
+    // max(lo, x) returns x when x is NaN (x86 rule: second operand), min likewise.
+    let xc = V::splat(HI).min(V::splat(LO).max(x));
+    let t = xc.mul(V::splat(LOG2E)).add(V::splat(ROUND));
+    let n = t.sub(V::splat(ROUND));
+    let r = xc.sub(n.mul(V::splat(LN2_HI))).sub(n.mul(V::splat(LN2_LO)));
+    let mut p = V::splat(P[0]);
+    for &k in &P[1..] {
+        p = p.mul(r).add(V::splat(k));
+    }
+    let e = p.mul(r).mul(r).add(r).add(V::splat(1.0));
+    let bias = V::isplat(127i32.wrapping_sub(ROUND.to_bits() as i32));
+    let v = e.mul(V::shl23(t.to_bits(), bias));
+    let v = V::select(x.lt(V::splat(LO)), V::splat(0.0), v);
+    V::select(x.gt(V::splat(HI)), V::splat(f32::INFINITY), v)
 }
 
 #[cfg(test)]

@@ -5,8 +5,6 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use dvl_kernels::attention::AttnShape;
-use dvl_kernels::elementwise::{add_inplace, silu_mul};
-use dvl_kernels::rope::rope_rotate_half;
 
 use crate::backend::Backend;
 use crate::config::TextConfig;
@@ -286,23 +284,14 @@ impl TextModel {
         };
         let scale = 1.0 / libm::sqrtf(hd as f32);
         for (l, layer) in self.layers.iter().enumerate() {
+            // Attention (§7.1): RMSNorm, q/k/v projections, RoPE on q and k (§7.2), K/V
+            // appended to the cache, block-causal attention (§7.3), output projection.
             be.rms_norm(x, &layer.input_norm, c.rms_norm_eps, &mut a);
             layer.q.forward(be, store, &a, t, &mut q);
             layer.k.forward(be, store, &a, t, &mut kbuf);
             layer.v.forward(be, store, &a, t, &mut vbuf);
-            for r in 0..t {
-                let (cr, sr) = (&cos[r * hd..(r + 1) * hd], &sin[r * hd..(r + 1) * hd]);
-                for hh in 0..c.num_heads {
-                    rope_rotate_half(&mut q[r * qd + hh * hd..r * qd + (hh + 1) * hd], cr, sr);
-                }
-                for hh in 0..c.num_kv_heads {
-                    rope_rotate_half(
-                        &mut kbuf[r * kvd + hh * hd..r * kvd + (hh + 1) * hd],
-                        cr,
-                        sr,
-                    );
-                }
-            }
+            be.rope(&mut q, t, c.num_heads, hd, qd, &cos, &sin);
+            be.rope(&mut kbuf, t, c.num_kv_heads, hd, kvd, &cos, &sin);
             cache.k[l][pos0 * kvd..(pos0 + t) * kvd].copy_from_slice(&kbuf);
             cache.v[l][pos0 * kvd..(pos0 + t) * kvd].copy_from_slice(&vbuf);
             be.attention(
@@ -316,13 +305,14 @@ impl TextModel {
                 &keys,
             );
             layer.o.forward(be, store, &att, t, &mut proj);
-            add_inplace(x, &proj);
+            be.add_inplace(x, &proj);
+            // SwiGLU MLP (§7.1): down(silu(gate(a)) ⊙ up(a)), residual.
             be.rms_norm(x, &layer.post_norm, c.rms_norm_eps, &mut a);
             layer.gate.forward(be, store, &a, t, &mut gate);
             layer.up.forward(be, store, &a, t, &mut up);
-            silu_mul(&mut gate, &up);
+            be.silu_mul(&mut gate, &up);
             layer.down.forward(be, store, &gate, t, &mut proj);
-            add_inplace(x, &proj);
+            be.add_inplace(x, &proj);
         }
         cache.len += store_rows;
         Ok(())

@@ -5,8 +5,6 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use dvl_kernels::attention::AttnShape;
-use dvl_kernels::elementwise::{add_inplace, gelu_erf, silu_mul};
-use dvl_kernels::rope::rope_rotate_half;
 
 use super::text::Linear;
 use crate::backend::Backend;
@@ -298,12 +296,9 @@ impl VisionModel {
                 q[r * c..(r + 1) * c].copy_from_slice(&row[..c]);
                 k[r * c..(r + 1) * c].copy_from_slice(&row[c..2 * c]);
                 v[r * c..(r + 1) * c].copy_from_slice(&row[2 * c..]);
-                let (cr, sr) = (&cos[r * hd..(r + 1) * hd], &sin[r * hd..(r + 1) * hd]);
-                for hh in 0..nh {
-                    rope_rotate_half(&mut q[r * c + hh * hd..r * c + (hh + 1) * hd], cr, sr);
-                    rope_rotate_half(&mut k[r * c + hh * hd..r * c + (hh + 1) * hd], cr, sr);
-                }
             }
+            be.rope(&mut q, s, nh, hd, c, &cos, &sin);
+            be.rope(&mut k, s, nh, hd, c, &cos, &sin);
             let seg = if cfg.fullatt_block_indexes.contains(&bi) {
                 &seg_full
             } else {
@@ -312,13 +307,13 @@ impl VisionModel {
             let keys = |i: usize| seg[i];
             be.attention(&q, s, &k, &v, &mut att, shape, scale, &keys);
             blk.proj.forward(be, store, &att, s, &mut proj);
-            add_inplace(&mut x, &proj);
+            be.add_inplace(&mut x, &proj);
             be.rms_norm(&x, &blk.norm2, EPS, &mut a);
             blk.gate.forward(be, store, &a, s, &mut gate);
             blk.up.forward(be, store, &a, s, &mut up);
-            silu_mul(&mut gate, &up);
+            be.silu_mul(&mut gate, &up);
             blk.down.forward(be, store, &gate, s, &mut proj);
-            add_inplace(&mut x, &proj);
+            be.add_inplace(&mut x, &proj);
         }
 
         // (g) merger: RMSNorm, 2×2 units concatenated (rows are still window-permuted, but
@@ -328,7 +323,7 @@ impl VisionModel {
         let mc = c * unit;
         let mut hmid = vec![0f32; n_tok * mc];
         self.mlp0.forward(be, store, &a, n_tok, &mut hmid);
-        gelu_erf(&mut hmid);
+        be.gelu_erf(&mut hmid);
         let out_h = self.mlp2.n_out;
         let mut z = vec![0f32; n_tok * out_h];
         self.mlp2.forward(be, store, &hmid, n_tok, &mut z);

@@ -4,8 +4,6 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
-use dvl_kernels::elementwise::gelu_erf;
-
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::models::qwen2_5_vl::text::Linear;
@@ -52,7 +50,7 @@ impl Projector {
     ) -> Vec<f32> {
         let mut h = vec![0f32; rows * self.l0.n_out];
         self.l0.forward(be, store, x, rows, &mut h);
-        gelu_erf(&mut h);
+        be.gelu_erf(&mut h);
         let mut out = vec![0f32; rows * self.l2.n_out];
         self.l2.forward(be, store, &h, rows, &mut out);
         out

@@ -17,8 +17,6 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use dvl_kernels::attention::AttnShape;
-use dvl_kernels::elementwise::{add_inplace, gelu_tanh};
-use dvl_kernels::norm::layer_norm;
 
 use super::config::SiglipVisionConfig;
 use crate::backend::Backend;
@@ -53,13 +51,6 @@ pub struct SiglipTower {
     /// `[N, C]`.
     pos: Vec<f32>,
     layers: Vec<Layer>,
-}
-
-fn ln(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
-    let d = w.len();
-    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-        layer_norm(xr, w, b, eps, or);
-    }
 }
 
 impl SiglipTower {
@@ -188,7 +179,7 @@ impl SiglipTower {
         self.patch.forward(be, store, &patches, rows, &mut x);
         drop(patches);
         for t in 0..nt {
-            add_inplace(&mut x[t * n * c..(t + 1) * n * c], &self.pos);
+            be.add_inplace(&mut x[t * n * c..(t + 1) * n * c], &self.pos);
         }
 
         let mut a = vec![0f32; rows * c];
@@ -212,18 +203,18 @@ impl SiglipTower {
             (t * n, (t + 1) * n)
         };
         for layer in &self.layers {
-            ln(&x, &layer.ln1_w, &layer.ln1_b, eps, &mut a);
+            be.layer_norm(&x, &layer.ln1_w, &layer.ln1_b, eps, &mut a);
             layer.q.forward(be, store, &a, rows, &mut q);
             layer.k.forward(be, store, &a, rows, &mut k);
             layer.v.forward(be, store, &a, rows, &mut v);
             be.attention(&q, rows, &k, &v, &mut att, shape, scale, &keys);
             layer.o.forward(be, store, &att, rows, &mut proj);
-            add_inplace(&mut x, &proj);
-            ln(&x, &layer.ln2_w, &layer.ln2_b, eps, &mut a);
+            be.add_inplace(&mut x, &proj);
+            be.layer_norm(&x, &layer.ln2_w, &layer.ln2_b, eps, &mut a);
             layer.fc1.forward(be, store, &a, rows, &mut hid);
-            gelu_tanh(&mut hid);
+            be.gelu_tanh(&mut hid);
             layer.fc2.forward(be, store, &hid, rows, &mut proj);
-            add_inplace(&mut x, &proj);
+            be.add_inplace(&mut x, &proj);
         }
         x
     }
