@@ -26,11 +26,14 @@ for shape in "${shapes[@]}"; do
     model="$SYNTH_DIR/$shape"
     [ -f "$model/config.json" ] || $DVL synth --shape "$shape" --out "$model" >&2
   fi
-  # f32 kernels (AVX-512), bf16 matmul inputs (AMX), and the AVX2 path (steps only).
-  for opts in "" "--bf16" "--isa avx2 --no-vision"; do
+  # Default f32 (FMA kernels for prefill/vision; steps on AMX tiles as three bf16 terms
+  # where AMX exists), bf16 matmul inputs (AMX), steps on the AVX-512 FMA kernels alone
+  # (DVL_AMX_F32=0), and the AVX2 path (steps only).
+  for run in "|" "|--bf16" "DVL_AMX_F32=0|--no-vision" "|--isa avx2 --no-vision"; do
+    envs=${run%%|*} opts=${run#*|}
     # shellcheck disable=SC2086
-    $DVL bench --model "$model" --threads "$THREADS" --prefix "$PREFIX" --reps "$REPS" $opts --json \
-      | sed "s/^{/{\"engine\":\"dvl\",\"shape\":\"$shape\",/"
+    env $envs $DVL bench --model "$model" --threads "$THREADS" --prefix "$PREFIX" --reps "$REPS" \
+      $opts --json | sed "s/^{/{\"engine\":\"dvl\",\"shape\":\"$shape\",/"
   done
   if [ -x "$PEER_PY" ]; then
     "$PEER_PY" benches/peer/peer.py --shape "$shape" --threads "$THREADS" --prefix "$PREFIX" \
