@@ -391,52 +391,54 @@ pub unsafe fn matmul_amx_bf16_packed(
             if direct {
                 // At most two row blocks (a denoising step): each weight tile is used once,
                 // so it is loaded straight from the weights and the C tiles stay in
-                // registers over the whole k. The next weight-block pair (a contiguous
-                // region of W) is prefetched into L2 a few lines per k step, so the stream
-                // from memory runs ahead of the tiles.
+                // registers over the whole k. One weight block at a time, its tiles loaded
+                // alternately into tmm4 and tmm5: the next k step's load (from memory) then
+                // need not wait for the tile products still reading the current one, which
+                // with two row blocks held the stream to 5.6 GB/s against 8.2 for one. The
+                // next weight-block pair (a contiguous region of W) is prefetched into L2 a
+                // few lines per k step, so the stream from memory runs ahead of the tiles.
                 let two_m = mblocks == 2;
+                let blocks = if two_n { 2 } else { 1 };
                 let pf_start = ((b + 2) * 16).min(n) * k * 2;
                 let pf_end = ((b + 4) * 16).min(n) * k * 2;
-                let pf_per_step = (pf_end - pf_start).div_ceil(64 * kb);
+                let pf_per_step = (pf_end - pf_start).div_ceil(64 * kb * blocks);
                 let w_bytes = w16.as_ptr() as *const i8;
                 let mut pf = pf_start;
-                tile_zero!("0");
-                tile_zero!("1");
-                tile_zero!("2");
-                tile_zero!("3");
-                for q in 0..kb {
-                    for _ in 0..pf_per_step {
-                        if pf < pf_end {
-                            _mm_prefetch::<_MM_HINT_T1>(w_bytes.add(pf));
-                            pf += 64;
-                        }
-                    }
-                    let (a0, s0) = a_tile(b, q);
-                    tile_load!("4", a0, s0);
-                    tile_load!("6", b_tile(mb0, q), 64usize);
-                    tile_dp!("0", "4", "6");
-                    if two_m {
-                        tile_load!("7", b_tile(mb0 + 1, q), 64usize);
-                        tile_dp!("1", "4", "7");
-                    }
-                    if two_n {
-                        let (a1, s1) = a_tile(b + 1, q);
-                        tile_load!("5", a1, s1);
-                        tile_dp!("2", "5", "6");
-                        if two_m {
-                            tile_dp!("3", "5", "7");
-                        }
-                    }
-                }
                 let slot = |dm: usize, db: usize| cptr.add((dm * 2 + db) * 256);
-                tile_store!("0", slot(0, 0), 64usize);
-                if two_m {
-                    tile_store!("1", slot(1, 0), 64usize);
-                }
-                if two_n {
-                    tile_store!("2", slot(0, 1), 64usize);
+                for db in 0..blocks {
+                    tile_zero!("0");
+                    tile_zero!("1");
+                    let mut q = 0;
+                    while q < kb {
+                        for _ in 0..pf_per_step {
+                            if pf < pf_end {
+                                _mm_prefetch::<_MM_HINT_T1>(w_bytes.add(pf));
+                                pf += 64;
+                            }
+                        }
+                        let (ap, st) = a_tile(b + db, q);
+                        if q % 2 == 0 {
+                            tile_load!("4", ap, st);
+                            tile_load!("6", b_tile(mb0, q), 64usize);
+                            tile_dp!("0", "4", "6");
+                            if two_m {
+                                tile_load!("7", b_tile(mb0 + 1, q), 64usize);
+                                tile_dp!("1", "4", "7");
+                            }
+                        } else {
+                            tile_load!("5", ap, st);
+                            tile_load!("6", b_tile(mb0, q), 64usize);
+                            tile_dp!("0", "5", "6");
+                            if two_m {
+                                tile_load!("7", b_tile(mb0 + 1, q), 64usize);
+                                tile_dp!("1", "5", "7");
+                            }
+                        }
+                        q += 1;
+                    }
+                    tile_store!("0", slot(0, db), 64usize);
                     if two_m {
-                        tile_store!("3", slot(1, 1), 64usize);
+                        tile_store!("1", slot(1, db), 64usize);
                     }
                 }
             } else {
