@@ -21,9 +21,10 @@ const USAGE: &str = "usage:
                [--no-fuse-commit] [--bf16] [--json] [--dump DIR]
 
 Defaults equal the reference evaluation (gen_length 128, 8 steps per block, greedy,
-low_confidence_static). --bf16 (or --amx) rounds matmul inputs to bf16: AMX tiles for
-prefill and vision, AVX512_BF16 dot products for denoising steps (faster; hidden states
-move ~1e-3, the default f32 path stays within 1e-7 of the references). --json prints one
+low_confidence_static). --bf16 (or --amx) rounds matmul inputs to bf16, on AMX tiles
+(or AVX512_BF16 dot products without AMX): faster, hidden states move ~1e-3. The default
+f32 path stays within 1e-6 of the references (DVL_AMX_F32=0 keeps its denoising steps off
+AMX tiles, on the FMA kernels). --json prints one
 object (ids, text, prompt_rows, forward_passes, timings); --dump DIR writes the fixture
 probe tensors to DIR/dump.safetensors.";
 
