@@ -282,15 +282,30 @@ pub unsafe fn matmul_amx_bf16(
     out: &mut [f32],
     ldo: usize,
 ) {
+    matmul_amx_with(pack_activations, x, m, k, w, n, bias, out, ldo)
+}
+
+/// Pack `x` with `pack`, then [`matmul_amx_bf16_packed`] into `out` (checked).
+#[target_feature(enable = "avx512f")]
+unsafe fn matmul_amx_with(
+    pack: fn(&[f32], usize, usize) -> PackedActs,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[bf16],
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    ldo: usize,
+) {
     if m == 0 || n == 0 {
         return;
     }
     assert!(
         out.len() >= (m - 1) * ldo + n && ldo >= n,
-        "matmul_amx_bf16: out too small"
+        "matmul_amx: out too small"
     );
-    let packed = pack_activations(x, m, k);
-    matmul_amx_bf16_packed(&packed, w, n, bias, out.as_mut_ptr(), ldo);
+    matmul_amx_bf16_packed(&pack(x, m, k), w, n, bias, out.as_mut_ptr(), ldo);
 }
 
 /// [`matmul_amx_bf16`] on activations packed by [`pack_activations`], writing `n` columns
@@ -642,15 +657,7 @@ pub unsafe fn matmul_amx_f32x3(
     out: &mut [f32],
     ldo: usize,
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(
-        out.len() >= (m - 1) * ldo + n && ldo >= n,
-        "matmul_amx_f32x3: out too small"
-    );
-    let packed = pack_activations_f32x3(x, m, k);
-    matmul_amx_bf16_packed(&packed, w, n, bias, out.as_mut_ptr(), ldo);
+    matmul_amx_with(pack_activations_f32x3, x, m, k, w, n, bias, out, ldo)
 }
 
 /// Pack `x` for [`matmul_amx_bf16_packed`] as three bf16 terms per value
