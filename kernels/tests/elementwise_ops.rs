@@ -15,20 +15,8 @@ use dvl_kernels::rope::{rope_rows, rope_rows_ref};
 
 const LENGTHS: [usize; 14] = [0, 1, 2, 7, 8, 9, 15, 16, 17, 31, 33, 100, 1003, 4099];
 
-/// Deterministic pseudo-random values in [-1, 1).
-fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+mod common;
+use common::rand_vec;
 
 /// Values where the scalar code branches (exp clamps, tanh / erf intervals), zeros,
 /// infinities, NaN, subnormals and extremes.
