@@ -425,9 +425,11 @@ impl CpuBackend {
     /// AMX matmul: the activations are packed once, then each thread takes one range of
     /// whole 32-row weight pairs, so the weights stream from memory once in all and every
     /// output element goes through the same tile arithmetic whatever the thread count.
+    /// `kernel` (`Amx` or `AmxF32x3`) is the caller's choice for this matmul's shape.
     #[allow(clippy::too_many_arguments)]
     fn matmul_amx(
         &self,
+        kernel: Bf16Kernel,
         x: &[f32],
         m: usize,
         k: usize,
@@ -438,7 +440,7 @@ impl CpuBackend {
     ) {
         assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n);
         // f32 mode: three bf16 terms per activation, summed by the kernel.
-        let packed = if self.bf16 == Bf16Kernel::AmxF32x3 {
+        let packed = if kernel == Bf16Kernel::AmxF32x3 {
             dvl_kernels::amx::pack_activations_f32x3(x, m, k)
         } else {
             dvl_kernels::amx::pack_activations(x, m, k)
@@ -539,7 +541,7 @@ impl Backend for CpuBackend {
         let bf16 = self.kernel_for(m, k);
         #[cfg(target_arch = "x86_64")]
         if let (Bf16Kernel::Amx | Bf16Kernel::AmxF32x3, WData::BF16(ws)) = (bf16, w) {
-            self.matmul_amx(x, m, k, ws, n, bias, out);
+            self.matmul_amx(bf16, x, m, k, ws, n, bias, out);
             return;
         }
         #[cfg(feature = "std")]
