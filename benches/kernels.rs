@@ -30,6 +30,9 @@ fn skinny(c: &mut Criterion) {
         (8, 11008, 2048),
         // The shipped tiny model's tied lm_head: short rows, a long vocabulary.
         (8, 64, 151936),
+        // One 2048-id slice of that projection (how the fused unmasking pass runs it):
+        // L2-resident, so the per-block cost of each kernel shows.
+        (8, 64, 2048),
         // L2-resident weights: the kernel's compute rate without memory stalls.
         (8, 1024, 256),
         // 268 MB: streams from DRAM whatever the L3 (the step's real regime).
@@ -52,6 +55,22 @@ fn skinny(c: &mut Criterion) {
                 // SAFETY: has_avx512_bf16() checked CPU and OS support; shapes match.
                 b.iter(|| unsafe {
                     dvl_kernels::dpbf16::matmul_dpbf16(&x, m, k, &w, n, None, &mut out, n)
+                })
+            });
+        }
+        #[cfg(target_arch = "x86_64")]
+        if dvl_kernels::amx::available() {
+            // The default f32 path's step kernel on AMX machines (three bf16 terms per input).
+            g.bench_function(BenchmarkId::new("amx_f32x3", format!("{m}x{k}x{n}")), |b| {
+                // SAFETY: available() checked CPU, OS and permission; shapes match.
+                b.iter(|| unsafe {
+                    dvl_kernels::amx::matmul_amx_f32x3(&x, m, k, &w, n, None, &mut out, n)
+                })
+            });
+            g.bench_function(BenchmarkId::new("amx_bf16", format!("{m}x{k}x{n}")), |b| {
+                // SAFETY: available() checked CPU, OS and permission; shapes match.
+                b.iter(|| unsafe {
+                    dvl_kernels::amx::matmul_amx_bf16(&x, m, k, &w, n, None, &mut out, n)
                 })
             });
         }

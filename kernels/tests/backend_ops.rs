@@ -563,6 +563,13 @@ fn amx_f32x3_is_as_accurate_as_f32_kernels() {
         (1, 1, 1),
         (3, 31, 17),
         (8, 896, 130),
+        // Denoising-step shapes on the direct path: k ≤ 64 keeps the B tiles loaded (one
+        // and two row blocks of 3m packed rows), longer k reloads them each step.
+        (5, 64, 49),
+        (8, 64, 50),
+        (7, 33, 47),
+        (4, 100, 70),
+        (9, 200, 40),
         (17, 40, 33),
         (40, 1176, 45),
         (70, 3420, 19),
@@ -674,6 +681,10 @@ fn amx_matches_reference_on_bf16_rounded_activations() {
     for &(m, k, n) in &[
         (1, 32, 16),
         (16, 64, 32),
+        (9, 64, 81),
+        (20, 64, 49),
+        (30, 50, 33),
+        (12, 100, 70),
         (17, 40, 33),
         (70, 1176, 45),
         (300, 96, 20),
