@@ -131,8 +131,8 @@ pub struct CpuBackend {
     /// Whether f32 matmuls may run on AMX tiles as three bf16 terms (see
     /// [`CpuBackend::with_f32_on_amx`]).
     f32_on_amx: bool,
-    /// Shortest rows for that (see `AMX_F32_MIN_K`).
-    f32_amx_min_k: usize,
+    /// Least work (rows × k) for that (see `AMX_F32_MIN_WORK`).
+    f32_amx_min_work: usize,
     #[cfg(feature = "std")]
     pool: Option<rayon::ThreadPool>,
 }
@@ -146,7 +146,7 @@ impl CpuBackend {
             isa: dvl_kernels::cpu::detect_isa(),
             bf16: Bf16Kernel::F32,
             f32_on_amx: true,
-            f32_amx_min_k: AMX_F32_MIN_K,
+            f32_amx_min_work: AMX_F32_MIN_WORK,
             #[cfg(feature = "std")]
             pool: None,
         };
@@ -337,27 +337,28 @@ enum Bf16Kernel {
 /// vision are compute-bound, where three tile passes (at this kernel's tile efficiency)
 /// are no faster than the FMA kernels, so they keep those.
 const AMX_F32_MAX_ROWS: usize = 32;
-/// Shortest rows for [`Bf16Kernel::AmxF32x3`]: with a few k blocks per weight tile the
-/// transposed output stores outweigh the tile work (the tiny model's k = 64 lm_head runs
-/// slower on tiles than with FMAs).
-const AMX_F32_MIN_K: usize = 256;
+/// Least rows × k for [`Bf16Kernel::AmxF32x3`]. A weight tile costs the tiles about the
+/// same whatever the rows (up to 5, or 10 in two row blocks), the FMA kernels in proportion
+/// to rows × k: the tiny model's k = 64 vocabulary projection (`benches/lm_head.rs`) runs
+/// 1.4× slower on tiles for one row, 1.2× faster for four and 2× for eight.
+const AMX_F32_MIN_WORK: usize = 256;
 
 impl CpuBackend {
     /// The kernel for a matmul of `m` rows of `k`.
     fn kernel_for(&self, m: usize, k: usize) -> Bf16Kernel {
         match self.bf16 {
-            Bf16Kernel::AmxF32x3 if m > AMX_F32_MAX_ROWS || k < self.f32_amx_min_k => {
+            Bf16Kernel::AmxF32x3 if m > AMX_F32_MAX_ROWS || m * k < self.f32_amx_min_work => {
                 Bf16Kernel::F32
             }
             kernel => kernel,
         }
     }
 
-    /// Lower the shortest row length that takes f32 matmuls to AMX tiles (default 256):
-    /// lets tests run that path on the tiny fixture models (k = 64).
+    /// Lower the least work (rows × k) that takes f32 matmuls to AMX tiles (default 256):
+    /// 0 lets tests run every step's matmuls on that path.
     #[doc(hidden)]
-    pub fn with_f32_amx_min_k(mut self, k: usize) -> Self {
-        self.f32_amx_min_k = k;
+    pub fn with_f32_amx_min_work(mut self, work: usize) -> Self {
+        self.f32_amx_min_work = work;
         self
     }
 }

@@ -115,7 +115,7 @@ fn check_case(
     let be = CpuBackend::with_threads(2)
         .unwrap()
         .with_f32_on_amx(kernels != Kernels::F32Fma)
-        .with_f32_amx_min_k(if kernels == Kernels::F32AmxAll {
+        .with_f32_amx_min_work(if kernels == Kernels::F32AmxAll {
             0
         } else {
             256
@@ -369,7 +369,7 @@ fn every_golden_case_matches_with_f32_fma_kernels() {
 /// AMX.
 #[test]
 fn every_golden_case_matches_with_f32_on_amx_tiles() {
-    if !CpuBackend::single_threaded().with_f32_amx_min_k(0).amx() {
+    if !CpuBackend::single_threaded().with_f32_amx_min_work(0).amx() {
         eprintln!("AMX not available: skipped");
         return;
     }

@@ -282,7 +282,7 @@ fn results_do_not_depend_on_the_thread_count() {
             // f32 on AMX tiles for every few-row matmul (the tiny model's rows are short).
             let be = dvl::CpuBackend::with_threads(threads)
                 .unwrap()
-                .with_f32_amx_min_k(0)
+                .with_f32_amx_min_work(0)
                 .with_bf16(bf16);
             let mut k = Keep(Vec::new());
             let g = e.generate(&be, &req, &p, &mut k).unwrap();
