@@ -649,20 +649,11 @@ pub unsafe fn matmul_amx_bf16_packed(
                 }
             }
             // Parked C tile: rows = 16 weight rows (outputs j), columns = 16 activation
-            // rows. Transpose on the way out: one 16-lane gather per activation row, then
-            // the bias and a (masked) contiguous store of 16 outputs.
+            // rows. Transposed on the way out (16×16 in registers), then the bias and a
+            // (masked) contiguous store of 16 outputs per activation row.
             for db in 0..if two_n { 2 } else { 1 } {
                 let j0 = (b + db) * 16;
-                let nvalid = (n - j0).min(16);
-                let jmask: u16 = if nvalid == 16 {
-                    0xffff
-                } else {
-                    ((1u32 << nvalid) - 1) as u16
-                };
-                let bias_v = match bias {
-                    Some(bb) => _mm512_maskz_loadu_ps(jmask, bb.as_ptr().add(j0)),
-                    None => _mm512_setzero_ps(),
-                };
+                let (jmask, bias_v) = block_mask_bias(j0, n, bias);
                 for mb in mb0..mb_end {
                     let tile = cptr.add(((mb - mb0) * 2 + db) * 256);
                     let mut rows = [_mm512_setzero_ps(); 16];
@@ -787,6 +778,23 @@ unsafe fn transpose16(r: &mut [__m512; 16]) {
     }
 }
 
+/// Lane mask of the outputs `j0..j0 + 16` that exist (`n` in all) and their bias (zeros
+/// without one).
+#[inline(always)]
+unsafe fn block_mask_bias(j0: usize, n: usize, bias: Option<&[f32]>) -> (u16, __m512) {
+    let nvalid = (n - j0).min(16);
+    let jmask: u16 = if nvalid == 16 {
+        0xffff
+    } else {
+        ((1u32 << nvalid) - 1) as u16
+    };
+    let bias_v = match bias {
+        Some(bb) => _mm512_maskz_loadu_ps(jmask, bb.as_ptr().add(j0)),
+        None => _mm512_setzero_ps(),
+    };
+    (jmask, bias_v)
+}
+
 /// Direct path's write-out of weight block `j0 / 16`: `tiles` holds its C tile per row block
 /// (16 weight rows × 16 packed rows each, 256 f32 apart); each output row `i` gets
 /// `((term 0 + term 1) + term 2) + bias` over its packed rows `p·m_out + i` (one term when
@@ -803,16 +811,7 @@ unsafe fn write_block(
     out: *mut f32,
     ldo: usize,
 ) {
-    let nvalid = (n - j0).min(16);
-    let jmask: u16 = if nvalid == 16 {
-        0xffff
-    } else {
-        ((1u32 << nvalid) - 1) as u16
-    };
-    let bias_v = match bias {
-        Some(bb) => _mm512_maskz_loadu_ps(jmask, bb.as_ptr().add(j0)),
-        None => _mm512_setzero_ps(),
-    };
+    let (jmask, bias_v) = block_mask_bias(j0, n, bias);
     let mut cols = [_mm512_setzero_ps(); 32];
     for dm in 0..m.div_ceil(16) {
         let mut rows = [_mm512_setzero_ps(); 16];
