@@ -131,7 +131,7 @@ fn attention(c: &mut Criterion) {
     g.sample_size(10);
     // (name, queries, keys, q heads, kv heads, head_dim, key range of query i)
     type Range = fn(usize) -> (usize, usize);
-    let cases: [(&str, usize, usize, usize, usize, usize, Range); 4] = [
+    let cases: [(&str, usize, usize, usize, usize, usize, Range); 5] = [
         // Vision tower: 1024 patches, 16 heads of 80, full attention and 64-patch windows.
         ("vision_full_1024", 1024, 1024, 16, 16, 80, |_| (0, 1024)),
         ("vision_window64_1024", 1024, 1024, 16, 16, 80, |i| {
@@ -140,6 +140,10 @@ fn attention(c: &mut Criterion) {
         // 3B text prefill: 288 prompt rows after a 736-row cache, block-causal (32), GQA 16/2.
         ("text_prefill_288", 288, 1024, 16, 2, 128, |i| {
             (0, ((736 + i) / 32 + 1) * 32)
+        }),
+        // 0.5B text prefill of a 1024-row prompt, block-causal (8), GQA 14/2.
+        ("text_prefill_1024_05b", 1024, 1024, 14, 2, 64, |i| {
+            (0, (i / 8 + 1) * 8)
         }),
         // One denoising step: an 8-row block over a 296-row cache.
         ("denoise_step_8", 8, 304, 16, 2, 128, |_| (0, 304)),
@@ -176,6 +180,17 @@ fn attention(c: &mut Criterion) {
                         keys,
                         &mut scores,
                     )
+                })
+            });
+        }
+        // bf16 inputs on AMX tiles (the engine's bf16 mode), packing K and V included.
+        #[cfg(target_arch = "x86_64")]
+        if dvl_kernels::attention::amx::supported(&shape) {
+            use dvl_kernels::attention::amx::{attention_amx, pack_kv};
+            g.bench_function(BenchmarkId::new("amx_bf16", name), |b| {
+                b.iter(|| {
+                    let kv = pack_kv(&k, &v, n_k, shape);
+                    attention_amx(&q, n_q, &kv, &mut out, shape, scale, keys)
                 })
             });
         }

@@ -768,7 +768,34 @@ impl Backend for CpuBackend {
             .max()
             .unwrap_or(0);
         let isa = self.isa;
+        // bf16 mode on AMX: keys and values are rounded and packed for the tiles once, here,
+        // and shared by the threads (fixtures §6 (c) numerics; see attention::amx).
+        #[cfg(target_arch = "x86_64")]
+        let packed = (matches!(self.bf16, Bf16Kernel::Amx)
+            && dvl_kernels::attention::amx::supported(&s))
+        .then(|| {
+            let n_keys = (0..n_q)
+                .map(keys)
+                .filter(|(lo, hi)| hi > lo)
+                .map(|(_, hi)| hi)
+                .max()
+                .unwrap_or(0);
+            dvl_kernels::attention::amx::pack_kv(k, v, n_keys, s)
+        });
         let run = |i0: usize, q_rows: &[f32], out_rows: &mut [f32], rows: usize| {
+            #[cfg(target_arch = "x86_64")]
+            if let Some(kv) = &packed {
+                dvl_kernels::attention::amx::attention_amx(
+                    q_rows,
+                    rows,
+                    kv,
+                    out_rows,
+                    s,
+                    scale,
+                    |i| keys(i0 + i),
+                );
+                return;
+            }
             let mut scores = vec![0f32; max_keys];
             dvl_kernels::attention::attention(
                 isa,

@@ -75,10 +75,10 @@ fn request_permission() -> bool {
 
 /// Palette 1, eight tiles of 16 rows × 64 bytes.
 #[repr(C, align(64))]
-struct TileConfig([u8; 64]);
+pub(crate) struct TileConfig(pub(crate) [u8; 64]);
 
 impl TileConfig {
-    fn full() -> Self {
+    pub(crate) fn full() -> Self {
         let mut c = [0u8; 64];
         c[0] = 1;
         for t in 0..8 {
@@ -135,6 +135,8 @@ macro_rules! tile_zero {
         asm!(concat!("tilezero tmm", $t), options(nostack, nomem))
     };
 }
+// Shared with the AMX attention tiles.
+pub(crate) use {tile_dp, tile_load, tile_store, tile_zero};
 
 /// Activations rounded to bf16 and packed once into the VNNI pair layout of tile B, so
 /// that threads splitting the weight rows of one matmul share a single copy.
@@ -173,7 +175,7 @@ pub fn pack_activations(x: &[f32], m: usize, k: usize) -> PackedActs {
     }
     let mut data = alloc_zeroed(m.div_ceil(16) * k.div_ceil(32) * 512);
     // SAFETY: AMX implies AVX-512 F/BW (probe); x holds m×k, data the packed size.
-    unsafe { pack_avx512(x, m, k, &mut data) };
+    unsafe { pack_avx512(x, m, k, k, &mut data) };
     PackedActs {
         data,
         m,
@@ -216,11 +218,27 @@ pub fn pack_activations_reference(x: &[f32], m: usize, k: usize) -> PackedActs {
     }
 }
 
+/// [`to_bf16_bits`] on 16 lanes: the bf16 bits land in the high half of each u32 lane
+/// (round half to even, NaN kept quiet).
+#[inline(always)]
+pub(crate) unsafe fn round_bf16_lanes(v: __m512) -> __m512i {
+    let b = _mm512_castps_si512(v);
+    let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+    let t = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), lsb);
+    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+    _mm512_mask_mov_epi32(t, nan, _mm512_or_si512(b, _mm512_set1_epi32(0x40_0000)))
+}
+
 /// Block (mb, q) at a time: each of its 16 rows' 32 values rounded to bf16 and narrowed
 /// to 16 u32 pairs in one register, then the 16×16 pairs transposed so that register r
-/// holds pair r of every row, which is the block's layout.
+/// holds pair r of every row, which is the block's layout. Row `i` of `x` starts at
+/// `i·ld` (attention packs one head's columns of the K rows this way).
+///
+/// # Safety
+/// AVX-512 F/BW must be available; `x` must hold `(m − 1)·ld + k` values and `data` the
+/// packed size of `m` rows of `k`.
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn pack_avx512(x: &[f32], m: usize, k: usize, data: &mut [u16]) {
+pub(crate) unsafe fn pack_avx512(x: &[f32], m: usize, k: usize, ld: usize, data: &mut [u16]) {
     let kb = k.div_ceil(32);
     // u16 lane j of (lo, hi) ← the high half of u32 lane j of the 32 rounded values.
     let mut idx = [0u16; 32];
@@ -228,14 +246,7 @@ unsafe fn pack_avx512(x: &[f32], m: usize, k: usize, data: &mut [u16]) {
         *v = (2 * j + 1) as u16;
     }
     let idx = _mm512_loadu_si512(idx.as_ptr() as *const _);
-    let round = |v: __m512| -> __m512i {
-        // to_bf16_bits on 16 lanes: round half to even, NaN kept quiet.
-        let b = _mm512_castps_si512(v);
-        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
-        let t = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), lsb);
-        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-        _mm512_mask_mov_epi32(t, nan, _mm512_or_si512(b, _mm512_set1_epi32(0x40_0000)))
-    };
+    let round = |v: __m512| round_bf16_lanes(v);
     for mb in 0..m.div_ceil(16) {
         let rows = (m - mb * 16).min(16);
         for q in 0..kb {
@@ -251,7 +262,7 @@ unsafe fn pack_avx512(x: &[f32], m: usize, k: usize, data: &mut [u16]) {
             };
             let mut v = [_mm512_setzero_ps(); 16];
             for (i, vi) in v.iter_mut().enumerate().take(rows) {
-                let p = x.as_ptr().add((mb * 16 + i) * k + k0);
+                let p = x.as_ptr().add((mb * 16 + i) * ld + k0);
                 let a = round(_mm512_maskz_loadu_ps(lo, p));
                 // Masked-off lanes are not read; wrapping_add keeps the address arithmetic
                 // defined when the row ends before them.

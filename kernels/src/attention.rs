@@ -30,6 +30,8 @@ use crate::matmul::{dot, Isa};
 use crate::softmax::softmax_inplace;
 
 #[cfg(target_arch = "x86_64")]
+pub mod amx;
+#[cfg(target_arch = "x86_64")]
 mod x86;
 
 #[derive(Clone, Copy, Debug)]
@@ -340,15 +342,21 @@ pub(crate) trait Tiles {
 /// rows of 5–8 lines each overflow the 12 ways and ran 15% slower than 32.
 pub(crate) const KC: usize = 32;
 
-/// End of the tile that starts at (query, head) pair `c0`. Pairs are numbered query-major
+/// End of the tile of at most `max` pairs that starts at (query, head) pair `c0`. Pairs are numbered query-major
 /// (`c = i·group + head-in-group`), so a tile holds a few whole queries of a GQA group. A
 /// tile's scores cover the union of its queries' ranges; it stops growing once more than a
 /// fifth of those scores would be masked (a segment boundary in window attention), since a
 /// shorter tile costs less than computing dead scores.
-fn tile_end(ranges: &[(usize, usize)], group: usize, c0: usize, n_pairs: usize) -> usize {
+fn tile_end(
+    ranges: &[(usize, usize)],
+    group: usize,
+    c0: usize,
+    n_pairs: usize,
+    max: usize,
+) -> usize {
     let (mut ulo, mut uhi, mut useful) = (usize::MAX, 0usize, 0usize);
     let mut c = c0;
-    while c < n_pairs && c - c0 < QB {
+    while c < n_pairs && c - c0 < max {
         let (lo, hi) = ranges[c / group];
         let (nlo, nhi) = if hi > lo {
             (ulo.min(lo), uhi.max(hi))
@@ -451,7 +459,7 @@ pub(crate) unsafe fn tiled<T: Tiles>(
     let mut tiles = Vec::new();
     let mut c0 = 0;
     while c0 < n_pairs {
-        let c1 = tile_end(ranges, group, c0, n_pairs);
+        let c1 = tile_end(ranges, group, c0, n_pairs, QB);
         tiles.push(Tile::new(ranges, group, c0, c1));
         c0 = c1;
     }
