@@ -48,6 +48,16 @@ pub trait Backend: Sync {
         keys: KeyRange<'_>,
     );
 
+    /// Run `work` (a forward pass or more: many kernel calls with serial work between
+    /// them) where this backend's kernels run, calling it exactly once. The CPU backend
+    /// runs it on one of its pool threads while the calling thread waits asleep: with as
+    /// many pool threads as cores, serial work on the calling thread shares a core with
+    /// the workers that spin between kernels (the tiny model's denoising forward pass:
+    /// 0.12 ms alone, 0.42 ms beside two spinning workers).
+    fn run(&self, work: &mut (dyn FnMut() + Send)) {
+        work()
+    }
+
     /// Greedy unmasking fused with the vocabulary projection: for each of `rows` rows of
     /// `hn [rows, k]`, the arg-max id of `hn · Wᵀ` (`W [n, k]`; lowest id on ties, `never`
     /// excluded) and its softmax probability over all `n` logits (spec §8.6). Backends may
@@ -119,6 +129,23 @@ pub trait Backend: Sync {
     /// Tanh-approximated GELU in place (SigLIP MLP).
     fn gelu_tanh(&self, x: &mut [f32]) {
         dvl_kernels::elementwise::gelu_tanh(x);
+    }
+}
+
+/// `work` on the backend's threads ([`Backend::run`]), returning its result.
+pub fn on_backend<R: Send>(be: &dyn Backend, work: impl FnOnce() -> R + Send) -> R {
+    let mut work = Some(work);
+    let mut out = None;
+    be.run(&mut || {
+        if let Some(w) = work.take() {
+            out = Some(w());
+        }
+    });
+    match (out, work) {
+        (Some(r), _) => r,
+        // A backend whose `run` did not call its work: run it here.
+        (None, Some(w)) => w(),
+        (None, None) => unreachable!("the work ran but returned nothing"),
     }
 }
 
@@ -749,6 +776,15 @@ impl Backend for CpuBackend {
                     .finish()
             })
             .collect()
+    }
+
+    fn run(&self, work: &mut (dyn FnMut() + Send)) {
+        #[cfg(feature = "std")]
+        if let Some(pool) = &self.pool {
+            // Inline when already on one of the pool's threads.
+            return pool.install(work);
+        }
+        work()
     }
 
     fn attention(

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use crate::backend::CpuBackend;
+use crate::backend::{on_backend, CpuBackend};
 use crate::decoder::Layout;
 use crate::engine::{Engine, ImageInput};
 use crate::error::{Error, Result};
@@ -162,7 +162,7 @@ pub fn run(engine: &Engine, be: &CpuBackend, cfg: &BenchConfig) -> Result<BenchR
     if cfg.vision {
         let (pixels, grids) = vision_input(engine, cfg.image_side)?;
         res.vision_ms = Some(time_ms(cfg.reps, cfg.max_seconds_per_item, || {
-            model.encode_images(be, &pixels, &grids).map(|_| ())
+            on_backend(be, || model.encode_images(be, &pixels, &grids).map(|_| ()))
         })?);
     }
 
@@ -177,7 +177,9 @@ pub fn run(engine: &Engine, be: &CpuBackend, cfg: &BenchConfig) -> Result<BenchR
     res.prefill_ms = time_ms(cfg.reps, cfg.max_seconds_per_item, || {
         cache.clear();
         let mut x = prompt.clone();
-        text.forward(be, store, &mut x, prefix, &mut cache, b, prefix)
+        on_backend(be, || {
+            text.forward(be, store, &mut x, prefix, &mut cache, b, prefix)
+        })
     })?;
 
     // One denoising step: the block's forward without cache writes, final norm, lm_head,
@@ -187,14 +189,16 @@ pub fn run(engine: &Engine, be: &CpuBackend, cfg: &BenchConfig) -> Result<BenchR
     let mut hn = vec![0f32; b * h];
     res.step_ms = time_ms(cfg.reps * 2, cfg.max_seconds_per_item, || {
         let mut x = block_rows.clone();
-        text.forward(be, store, &mut x, b, &mut cache, b, 0)?;
-        text.final_norm(be, &x, &mut hn);
-        std::hint::black_box(text.greedy_tokens(be, store, &hn, b));
-        Ok(())
+        on_backend(be, || {
+            text.forward(be, store, &mut x, b, &mut cache, b, 0)?;
+            text.final_norm(be, &x, &mut hn);
+            std::hint::black_box(text.greedy_tokens(be, store, &hn, b));
+            Ok(())
+        })
     })?;
     res.commit_ms = time_ms(cfg.reps * 2, cfg.max_seconds_per_item, || {
         let mut x = block_rows.clone();
-        text.forward(be, store, &mut x, b, &mut cache, b, b)?;
+        on_backend(be, || text.forward(be, store, &mut x, b, &mut cache, b, b))?;
         cache.truncate(prefix);
         Ok(())
     })?;

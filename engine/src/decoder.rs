@@ -14,7 +14,7 @@ use alloc::vec::Vec;
 
 use dvl_kernels::softmax::argmax_confidence;
 
-use crate::backend::Backend;
+use crate::backend::{on_backend, Backend};
 use crate::error::{Error, Result};
 use crate::models::qwen2_5_vl::text::{KvCache, TextModel};
 use crate::weights::WeightStore;
@@ -415,15 +415,17 @@ pub fn generate(
             return Err(Error::Cancelled);
         }
         let mut x = prompt[..lay.prefill_length * h].to_vec();
-        text.forward(
-            be,
-            m.store,
-            &mut x,
-            lay.prefill_length,
-            &mut cache,
-            block,
-            lay.prefill_length,
-        )?;
+        on_backend(be, || {
+            text.forward(
+                be,
+                m.store,
+                &mut x,
+                lay.prefill_length,
+                &mut cache,
+                block,
+                lay.prefill_length,
+            )
+        })?;
         out.forward_passes += 1;
         out.forward_calls += 1;
         if obs.wants_probes() {
@@ -481,37 +483,48 @@ pub fn generate(
             if obs.cancelled() {
                 return Err(Error::Cancelled);
             }
-            let x = match pending.take() {
-                Some(x) => x,
-                None => {
-                    let mut x = cur.clone();
-                    text.forward(be, m.store, &mut x, block, &mut cache, block, 0)?;
-                    out.forward_calls += 1;
-                    x
-                }
-            };
-            out.forward_passes += 1;
-            text.final_norm(be, &x, &mut hn);
             let probes = first_decoded && obs.wants_probes();
             first_decoded = false;
-            let mut conf = vec![None; block];
-            let mut x0 = vec![0u32; block];
-            if params.temperature == 0.0 && !probes {
-                // Greedy: the fused projection + unmasking pass (spec §8.6), over the rows
-                // still masked only: committed rows' predictions are never read.
-                let rows: Vec<usize> = (0..block).filter(|&i| is_mask[i]).collect();
+            let greedy = params.temperature == 0.0 && !probes;
+            // Rows still masked: committed rows' predictions are never read.
+            let rows: Vec<usize> = (0..block).filter(|&i| is_mask[i]).collect();
+            // One hop onto the backend's threads per step: the forward pass (unless the
+            // previous commit pass already ran it), the final norm and, when greedy, the
+            // fused projection + unmasking pass (spec §8.6).
+            let fresh = pending.is_none();
+            let picks = on_backend(be, || -> Result<Vec<(usize, f32)>> {
+                let x = match pending.take() {
+                    Some(x) => x,
+                    None => {
+                        let mut x = cur.clone();
+                        text.forward(be, m.store, &mut x, block, &mut cache, block, 0)?;
+                        x
+                    }
+                };
+                text.final_norm(be, &x, &mut hn);
+                if !greedy {
+                    return Ok(Vec::new());
+                }
                 let mut hn_masked = Vec::with_capacity(rows.len() * h);
                 for &i in &rows {
                     hn_masked.extend_from_slice(&hn[i * h..(i + 1) * h]);
                 }
-                let picks = text.greedy_tokens(be, m.store, &hn_masked, rows.len());
+                Ok(text.greedy_tokens(be, m.store, &hn_masked, rows.len()))
+            })?;
+            if fresh {
+                out.forward_calls += 1;
+            }
+            out.forward_passes += 1;
+            let mut conf = vec![None; block];
+            let mut x0 = vec![0u32; block];
+            if greedy {
                 for (&i, (t, c)) in rows.iter().zip(picks) {
                     x0[i] = t as u32;
                     conf[i] = Some(c);
                 }
             } else {
                 logits.resize(block * vocab, 0.0);
-                text.logits(be, m.store, &hn, block, &mut logits);
+                on_backend(be, || text.logits(be, m.store, &hn, block, &mut logits));
                 if probes {
                     emit_logit_probes(obs, &hn, &logits, block, h, vocab);
                 }
@@ -572,11 +585,15 @@ pub fn generate(
         if params.fuse_commit && has_next {
             let mut x = cur;
             x.extend_from_slice(&initial_rows(s1));
-            text.forward(be, m.store, &mut x, 2 * block, &mut cache, block, block)?;
+            on_backend(be, || {
+                text.forward(be, m.store, &mut x, 2 * block, &mut cache, block, block)
+            })?;
             pending = Some(x[block * h..].to_vec());
         } else {
             let mut x = cur;
-            text.forward(be, m.store, &mut x, block, &mut cache, block, block)?;
+            on_backend(be, || {
+                text.forward(be, m.store, &mut x, block, &mut cache, block, block)
+            })?;
             out.forward_calls += 1;
         }
         if params.fuse_commit && has_next {

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::backend::CpuBackend;
+use crate::backend::{on_backend, CpuBackend};
 use crate::config::Config;
 use crate::decoder::{self, GenerateParams, Observer, Output, ProbeData};
 use crate::error::{Error, Result};
@@ -299,7 +299,7 @@ impl Engine {
         let feats = if grids.is_empty() {
             Vec::new()
         } else {
-            self.model.encode_images(be, &pixels, &grids)?
+            on_backend(be, || self.model.encode_images(be, &pixels, &grids))?
         };
         if obs.wants_probes() && !feats.is_empty() {
             let all: Vec<f32> = feats.concat();
