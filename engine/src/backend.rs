@@ -729,9 +729,11 @@ impl Backend for CpuBackend {
             }
             _ => None,
         };
-        let slice = |c: usize| -> Vec<ArgmaxPartial> {
+        // `z`: a thread's logits buffer, reused for each of its slices.
+        let slice = |z: &mut Vec<f32>, c: usize| -> Vec<ArgmaxPartial> {
             let (n0, n1) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
-            let mut z = vec![0f32; rows * (n1 - n0)];
+            z.resize(rows * CHUNK, 0.0);
+            let z = &mut z[..rows * (n1 - n0)];
             #[cfg(target_arch = "x86_64")]
             if let (Some(p), WData::BF16(s)) = (&packed, w) {
                 assert!(s.len() >= n1 * k, "logits_argmax: weights too short");
@@ -748,10 +750,10 @@ impl Backend for CpuBackend {
                     )
                 };
             } else {
-                matmul_any(isa, bf16, hn, rows, k, w, n0, n1, None, &mut z, n1 - n0);
+                matmul_any(isa, bf16, hn, rows, k, w, n0, n1, None, z, n1 - n0);
             }
             #[cfg(not(target_arch = "x86_64"))]
-            matmul_any(isa, bf16, hn, rows, k, w, n0, n1, None, &mut z, n1 - n0);
+            matmul_any(isa, bf16, hn, rows, k, w, n0, n1, None, z, n1 - n0);
             z.chunks_exact(n1 - n0)
                 .map(|zr| ArgmaxPartial::of_isa(isa, zr, n0, never))
                 .collect()
@@ -761,12 +763,23 @@ impl Backend for CpuBackend {
         let parts: Vec<Vec<ArgmaxPartial>> = match &self.pool {
             Some(pool) => {
                 use rayon::prelude::*;
-                pool.install(|| (0..n_chunks).into_par_iter().map(slice).collect())
+                pool.install(|| {
+                    (0..n_chunks)
+                        .into_par_iter()
+                        .map_init(Vec::new, slice)
+                        .collect()
+                })
             }
-            None => (0..n_chunks).map(slice).collect(),
+            None => {
+                let mut z = Vec::new();
+                (0..n_chunks).map(|c| slice(&mut z, c)).collect()
+            }
         };
         #[cfg(not(feature = "std"))]
-        let parts: Vec<Vec<ArgmaxPartial>> = (0..n_chunks).map(slice).collect();
+        let parts: Vec<Vec<ArgmaxPartial>> = {
+            let mut z = Vec::new();
+            (0..n_chunks).map(|c| slice(&mut z, c)).collect()
+        };
         // Merge in vocabulary order: ties resolve to the lowest id as in one pass.
         (0..rows)
             .map(|r| {
