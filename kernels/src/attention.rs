@@ -134,6 +134,21 @@ pub fn attention<F: Fn(usize) -> (usize, usize)>(
     }
 }
 
+/// The query and output rows of [`check_bounds`].
+fn check_q_bounds(q: &[f32], n_q: usize, out: &[f32], s: AttnShape) {
+    assert!(
+        s.n_heads * s.head_dim <= s.q_stride,
+        "attention: heads overflow q_stride"
+    );
+    if n_q > 0 {
+        let q_end = (n_q - 1) * s.q_stride + s.n_heads * s.head_dim;
+        assert!(
+            q.len() >= q_end && out.len() >= q_end,
+            "attention: q/out too short"
+        );
+    }
+}
+
 /// The tiles use raw pointers: check once per call what slice indexing would have checked.
 fn check_bounds(
     q: &[f32],
@@ -144,23 +159,13 @@ fn check_bounds(
     s: AttnShape,
     ranges: &[(usize, usize)],
 ) {
+    check_q_bounds(q, n_q, out, s);
     let hd = s.head_dim;
-    assert!(
-        s.n_heads * hd <= s.q_stride,
-        "attention: heads overflow q_stride"
-    );
     let kv_heads_read = (s.n_heads - 1) / (s.n_heads / s.n_kv_heads) + 1;
     assert!(
         kv_heads_read * hd <= s.kv_stride,
         "attention: heads overflow kv_stride"
     );
-    if n_q > 0 {
-        let q_end = (n_q - 1) * s.q_stride + s.n_heads * hd;
-        assert!(
-            q.len() >= q_end && out.len() >= q_end,
-            "attention: q/out too short"
-        );
-    }
     if let Some(hi) = ranges.iter().filter(|r| r.1 > r.0).map(|r| r.1).max() {
         let kv_end = (hi - 1) * s.kv_stride + kv_heads_read * hd;
         assert!(

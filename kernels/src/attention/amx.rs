@@ -218,18 +218,10 @@ pub fn attention_amx<F: Fn(usize) -> (usize, usize)>(
         kv.n_kv_heads == s.n_kv_heads && kv.head_dim == s.head_dim,
         "attention_amx: keys packed for another shape"
     );
-    assert!(
-        s.n_heads * s.head_dim <= s.q_stride,
-        "attention_amx: heads overflow q_stride"
-    );
+    super::check_q_bounds(q, n_q, out, s);
     if n_q == 0 {
         return;
     }
-    let q_end = (n_q - 1) * s.q_stride + s.n_heads * s.head_dim;
-    assert!(
-        q.len() >= q_end && out.len() >= q_end,
-        "attention_amx: q/out too short"
-    );
     let ranges: Vec<(usize, usize)> = (0..n_q).map(&key_range).collect();
     for (i, &(lo, hi)) in ranges.iter().enumerate() {
         assert!(
