@@ -161,40 +161,20 @@ unsafe fn partial_avx512(z: &[f32], offset: usize, never: Option<usize>) -> Argm
     partial_with(z, offset, never, |z, m| sum_exp_avx512(z, m))
 }
 
-/// Σ exp(zᵢ − m) in AVX-512: `e^(z − m) = 2^t` with `t = z·log2 e − m·log2 e` split into an
-/// integer n (`vrndscaleps`) and f ∈ [−½, ½], `2^f` by its degree-6 Taylor polynomial
-/// (relative error ~1e-7) and the result scaled by 2ⁿ with `vscalefps`: 12 operations a
-/// vector where [`crate::math::exp_f32`]'s algorithm takes 18 (unmasking a 151,936-logit
-/// row is most of a tiny model's denoising step). Rounding differs from the portable sum in
-/// the last bits. Same chunking: f32 lanes per 256 values, chunk sums added in f64.
+/// Σ exp(zᵢ − m) in AVX-512 as [`crate::math::exp2_avx512`] of `(z − m)·log2 e` (12
+/// operations a vector where [`crate::math::exp_f32`]'s algorithm takes 18: unmasking a
+/// 151,936-logit row is most of a tiny model's denoising step). Rounding differs from the
+/// portable sum in the last bits. Same chunking: f32 lanes per 256 values, chunk sums
+/// added in f64.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 unsafe fn sum_exp_avx512(z: &[f32], m: f32) -> f64 {
     use core::arch::x86_64::*;
-    let c = |v: f32| _mm512_set1_ps(v);
-    let log2e = c(core::f32::consts::LOG2_E);
-    let mv = c(m);
-    // (ln 2)^i / i!, i = 6 … 1.
-    const C: [f32; 6] = [
-        1.540_353e-4,
-        1.333_355_8e-3,
-        9.618_129e-3,
-        5.550_411e-2,
-        0.240_226_5,
-        core::f32::consts::LN_2,
-    ];
-    let exp16 = |x: __m512| {
-        // z − m first: scaling m before subtracting would cost its rounding (1e-5 relative
-        // for |m| ≈ 200). Below 2⁻²⁰⁰ (and for −∞) the result is exactly 0.
-        let t = _mm512_max_ps(_mm512_mul_ps(_mm512_sub_ps(x, mv), log2e), c(-200.0));
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
-        let f = _mm512_sub_ps(t, n);
-        let mut p = c(C[0]);
-        for &k in &C[1..] {
-            p = _mm512_fmadd_ps(p, f, c(k));
-        }
-        _mm512_scalef_ps(_mm512_fmadd_ps(p, f, c(1.0)), n)
-    };
+    let log2e = _mm512_set1_ps(core::f32::consts::LOG2_E);
+    let mv = _mm512_set1_ps(m);
+    // z − m first: scaling m before subtracting would cost its rounding (1e-5 relative for
+    // |m| ≈ 200).
+    let exp16 = |x: __m512| crate::math::exp2_avx512(_mm512_mul_ps(_mm512_sub_ps(x, mv), log2e));
     let mut sum = 0f64;
     for chunk in z.chunks(256) {
         let mut acc = _mm512_setzero_ps();

@@ -33,7 +33,7 @@ use super::{tile_end, AttnShape, Tile, CHUNK};
 use crate::amx::{
     pack_avx512, round_bf16_lanes, tile_dp, tile_load, tile_store, tile_zero, TileConfig,
 };
-use crate::math::exp_f32;
+use crate::math::{exp2_avx512, exp_f32};
 
 /// Largest head_dim: the Q tiles of a row block (one per 32 of head_dim) must fit in
 /// tmm4–tmm7 beside two C and two K tiles.
@@ -174,7 +174,7 @@ unsafe fn pack_v(v: &[f32], n_keys: usize, hd: usize, ld: usize, data: &mut [u16
         let (b, r) = (key0 / 32, (key0 % 32) / 2);
         for j in 0..db16 {
             let dn = (hd - j * 16).min(16);
-            let mask: u16 = if dn == 16 { 0xffff } else { (1u16 << dn) - 1 };
+            let mask = lanes(dn);
             let row = |key: usize| {
                 round_bf16_lanes(_mm512_maskz_loadu_ps(
                     mask,
@@ -257,34 +257,23 @@ unsafe fn hsum(v: __m512) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(c, _mm_movehdup_ps(c)))
 }
 
+/// `e^(s − m)` on 16 lanes, `mlog` = m·log2 e: m is the same for a whole score row, so the
+/// rounding of `mlog` scales every probability of the row alike and cancels in O / l.
+#[inline(always)]
+unsafe fn exp_shifted(s: __m512, mlog: __m512) -> __m512 {
+    exp2_avx512(_mm512_fmsub_ps(s, _mm512_set1_ps(LOG2E), mlog))
+}
+
 const LOG2E: f32 = core::f32::consts::LOG2_E;
 
-/// `e^(s − m)` on 16 lanes as `2^t`, `t = s·log2 e − m·log2 e` (`mlog` = m·log2 e): `t`
-/// split into an integer n (`vrndscaleps`) and f ∈ [−½, ½], `2^f` by its degree-5 Taylor
-/// polynomial (relative error below 3e-6, far below the bf16 rounding of P), scaled by 2ⁿ with
-/// `vscalefps`. Masked scores (−∞) and anything below 2⁻²⁰⁰ give exactly 0.
+/// Lanes `0..n` of a 16-lane mask (`n` ≤ 16).
 #[inline(always)]
-unsafe fn exp2_shifted(s: __m512, mlog: __m512) -> __m512 {
-    let t = _mm512_max_ps(
-        _mm512_fmsub_ps(s, _mm512_set1_ps(LOG2E), mlog),
-        _mm512_set1_ps(-200.0),
-    );
-    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
-    let f = _mm512_sub_ps(t, n);
-    // (ln 2)^i / i!, i = 5 … 1
-    const C: [f32; 5] = [
-        1.333_355_8e-3,
-        9.618_129e-3,
-        5.550_411e-2,
-        0.240_226_5,
-        core::f32::consts::LN_2,
-    ];
-    let mut p = _mm512_set1_ps(C[0]);
-    for &c in &C[1..] {
-        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+fn lanes(n: usize) -> u16 {
+    if n >= 16 {
+        0xffff
+    } else {
+        (1u16 << n) - 1
     }
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0));
-    _mm512_scalef_ps(p, n)
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")]
@@ -327,7 +316,7 @@ unsafe fn tiled(
                 let src = q.as_ptr().add(i * s.q_stride + h * hd);
                 for d0 in (0..hd).step_by(16) {
                     let dn = (hd - d0).min(16);
-                    let mask = if dn == 16 { 0xffff } else { (1u16 << dn) - 1 };
+                    let mask = lanes(dn);
                     let xv = _mm512_mul_ps(
                         _mm512_maskz_loadu_ps(mask, src.add(d0)),
                         _mm512_set1_ps(scale),
@@ -453,8 +442,8 @@ unsafe fn tiled(
                     // of 32): a fixed split by absolute key index.
                     let (mut sum0, mut sum1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
                     for v in (0..n16).step_by(2) {
-                        let p0 = exp2_shifted(_mm512_loadu_ps(row.add(v * 16)), mlog);
-                        let p1 = exp2_shifted(_mm512_loadu_ps(row.add(v * 16 + 16)), mlog);
+                        let p0 = exp_shifted(_mm512_loadu_ps(row.add(v * 16)), mlog);
+                        let p1 = exp_shifted(_mm512_loadu_ps(row.add(v * 16 + 16)), mlog);
                         sum0 = _mm512_add_ps(sum0, p0);
                         sum1 = _mm512_add_ps(sum1, p1);
                         let bits = _mm512_cvtne2ps_pbh(p1, p0);
@@ -528,7 +517,7 @@ unsafe fn tiled(
                 let inv = if l[x] == 0.0 { 0.0 } else { 1.0 / l[x] };
                 for d0 in (0..hd).step_by(16) {
                     let dn = (hd - d0).min(16);
-                    let mask = if dn == 16 { 0xffff } else { (1u16 << dn) - 1 };
+                    let mask = lanes(dn);
                     let o =
                         _mm512_mul_ps(_mm512_loadu_ps(oacc.add(x * dv + d0)), _mm512_set1_ps(inv));
                     _mm512_mask_storeu_ps(dst.add(d0), mask, o);
