@@ -7,6 +7,10 @@ use crate::{EOS_ID, MASK_ID};
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// Vocabulary size with the added tokens, read once: `tokenizers` computes it by
+    /// cloning the whole vocabulary map (~150k strings), which took longer than the tiny
+    /// model's whole generation when done per answer.
+    vocab_size: u32,
 }
 
 impl Tokenizer {
@@ -21,7 +25,8 @@ impl Tokenizer {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_bytes(bytes)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
-        Ok(Tokenizer { inner })
+        let vocab_size = inner.get_vocab_size(true) as u32;
+        Ok(Tokenizer { inner, vocab_size })
     }
 
     /// Ids of one prompt chunk, no special tokens added (spec §2.3). Special-token text such
@@ -37,7 +42,7 @@ impl Tokenizer {
     /// Text of generated ids: cut at the first EOS, MASK and out-of-vocabulary padding ids
     /// dropped, special tokens skipped (spec §2.5).
     pub fn decode_answer(&self, ids: &[u32]) -> Result<String> {
-        let n = self.inner.get_vocab_size(true) as u32;
+        let n = self.vocab_size;
         let kept: Vec<u32> = ids
             .iter()
             .copied()

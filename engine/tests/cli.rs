@@ -107,6 +107,40 @@ fn dump_writes_fixture_probes() {
 }
 
 #[test]
+fn repeat_reports_the_first_runs_answer_and_probes() {
+    let dir = std::env::temp_dir().join(format!("dvl-repeat-{}", std::process::id()));
+    let model = model_dir("a").unwrap();
+    let run = |extra: &[&str]| -> Value {
+        let out = dvl()
+            .args(["generate", "--model", model.to_str().unwrap()])
+            .args([
+                "--prompt",
+                "What is two plus two?",
+                "--gen-length",
+                "16",
+                "--json",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let once = run(&[]);
+    let thrice = run(&["--repeat", "3", "--dump", dir.to_str().unwrap()]);
+    assert_eq!(once["ids"], thrice["ids"]);
+    assert_eq!(once["text"], thrice["text"]);
+    assert!(thrice["timings"]["decode_ms"].as_f64().unwrap() > 0.0);
+    // The first run's probes are kept through the silent repeats.
+    assert!(read_tensor(&dir.join("dump.safetensors"), "first_step_hidden").is_some());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn plain_mode_streams_text() {
     let model = model_dir("a").unwrap();
     let out = dvl()
@@ -189,6 +223,10 @@ fn bad_arguments_fail_with_a_message() {
                 "/nonexistent.png",
             ],
             "/nonexistent.png",
+        ),
+        (
+            &["generate", "--model", m, "--prompt", "x", "--repeat", "0"],
+            "--repeat",
         ),
         (&["frobnicate"], "unknown command"),
     ];

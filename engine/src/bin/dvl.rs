@@ -18,7 +18,7 @@ const USAGE: &str = "usage:
   dvl generate --model DIR [--image PATH]... --prompt TEXT [--gen-length 128] [--steps 8]
                [--block-size N] [--strategy static|dynamic] [--threshold 0.85]
                [--temperature 0] [--top-k 0] [--top-p 1] [--seed N] [--threads N]
-               [--no-fuse-commit] [--bf16] [--json] [--dump DIR]
+               [--no-fuse-commit] [--bf16] [--json] [--dump DIR] [--repeat N]
 
 Defaults equal the reference evaluation (gen_length 128, 8 steps per block, greedy,
 low_confidence_static). --bf16 (or --amx) rounds matmul inputs to bf16, on AMX tiles
@@ -26,7 +26,9 @@ low_confidence_static). --bf16 (or --amx) rounds matmul inputs to bf16, on AMX t
 f32 path stays within 1e-6 of the references (DVL_AMX_F32=0 keeps its denoising steps off
 AMX tiles, on the FMA kernels). --json prints one
 object (ids, text, prompt_rows, forward_passes, timings); --dump DIR writes the fixture
-probe tensors to DIR/dump.safetensors.";
+probe tensors to DIR/dump.safetensors. --repeat N runs the request N times on the loaded
+model and reports each stage's median time (for timing without the model and tokenizer
+load).";
 
 struct Args {
     flags: BTreeMap<String, Vec<String>>,
@@ -129,6 +131,22 @@ impl Observer for CliObserver<'_> {
     }
 }
 
+/// Each stage's median over `runs` (upper median for an even count).
+fn median_timings(runs: &[dvl::engine::Timings]) -> dvl::engine::Timings {
+    let median = |f: fn(&dvl::engine::Timings) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    dvl::engine::Timings {
+        preprocess_ms: median(|t| t.preprocess_ms),
+        vision_ms: median(|t| t.vision_ms),
+        prefill_ms: median(|t| t.prefill_ms),
+        decode_ms: median(|t| t.decode_ms),
+        total_ms: median(|t| t.total_ms),
+    }
+}
+
 fn generate(args: &Args) -> Result<(), String> {
     args.check_known(&[
         "model",
@@ -145,6 +163,7 @@ fn generate(args: &Args) -> Result<(), String> {
         "seed",
         "threads",
         "dump",
+        "repeat",
     ])?;
     let model = args.one("model").ok_or("--model DIR is required")?;
     let prompt = args.one("prompt").ok_or("--prompt TEXT is required")?;
@@ -198,9 +217,31 @@ fn generate(args: &Args) -> Result<(), String> {
         printed: String::new(),
         probes: dump.as_ref().map(|_| Vec::new()),
     };
-    let g = engine
+    let repeat: usize = args.num("repeat", 1)?;
+    if !(1..=10_000).contains(&repeat) {
+        return Err(format!("--repeat {repeat} is out of range (1..=10000)"));
+    }
+    let mut g = engine
         .generate(&be, &req, &params, &mut obs)
         .map_err(|e| e.to_string())?;
+    if repeat > 1 {
+        // Later runs are silent; the first one's output and probes are what is reported,
+        // with each stage's median over all runs.
+        let mut runs = vec![g.timings.clone()];
+        obs.stream = false;
+        let probes = obs.probes.take();
+        for _ in 1..repeat {
+            let again = engine
+                .generate(&be, &req, &params, &mut obs)
+                .map_err(|e| e.to_string())?;
+            if again.output.ids != g.output.ids {
+                return Err("--repeat: a later run produced other ids".into());
+            }
+            runs.push(again.timings);
+        }
+        obs.probes = probes;
+        g.timings = median_timings(&runs);
+    }
     if let (Some(dir), Some(probes)) = (&dump, &obs.probes) {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = probes
