@@ -366,8 +366,9 @@ enum Bf16Kernel {
 const AMX_F32_MAX_ROWS: usize = 32;
 /// Least rows × k for [`Bf16Kernel::AmxF32x3`]. A weight tile costs the tiles about the
 /// same whatever the rows (up to 5, or 10 in two row blocks), the FMA kernels in proportion
-/// to rows × k: the tiny model's k = 64 vocabulary projection (`benches/lm_head.rs`) runs
-/// 1.4× slower on tiles for one row, 1.2× faster for four and 2× for eight.
+/// to rows × k: the tiny model's k = 64 vocabulary projection written out as logits ran
+/// 1.4× slower on tiles for one row, 1.2× faster for four and 2× for eight. (The fused
+/// unmasking pass of `logits_argmax` takes tiles for any rows: it has no logits to write.)
 const AMX_F32_MIN_WORK: usize = 256;
 
 impl CpuBackend {
@@ -716,7 +717,14 @@ impl Backend for CpuBackend {
         use dvl_kernels::softmax::ArgmaxPartial;
         // Vocabulary slices small enough that their logits stay in L2.
         const CHUNK: usize = 2048;
-        let (isa, bf16) = (self.isa, self.kernel_for(rows, k));
+        let (isa, mut bf16) = (self.isa, self.kernel_for(rows, k));
+        // Up to a tile of rows the unmasking runs fused on AMX tiles whatever the work: it
+        // beats the FMA kernels + a separate pass even for one row of k = 64 (where
+        // `kernel_for` keeps f32 matmuls off the tiles).
+        #[cfg(target_arch = "x86_64")]
+        if self.bf16 == Bf16Kernel::AmxF32x3 && rows <= dvl_kernels::amx::unmask::MAX_ROWS {
+            bf16 = Bf16Kernel::AmxF32x3;
+        }
         // On AMX tiles the rows are packed once for every slice (packing per slice was ~10%
         // of the tiny model's projection).
         #[cfg(target_arch = "x86_64")]
@@ -729,9 +737,33 @@ impl Backend for CpuBackend {
             }
             _ => None,
         };
+        // Up to a tile of rows the unmasking statistics are taken straight from the C tiles
+        // (`amx::unmask`): no logits written out and read back.
+        #[cfg(target_arch = "x86_64")]
+        let fused = packed
+            .as_ref()
+            .and_then(dvl_kernels::amx::unmask::UnmaskActs::new);
         // `z`: a thread's logits buffer, reused for each of its slices.
         let slice = |z: &mut Vec<f32>, c: usize| -> Vec<ArgmaxPartial> {
             let (n0, n1) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
+            #[cfg(target_arch = "x86_64")]
+            if let (Some(acts), WData::BF16(s)) = (&fused, w) {
+                assert!(s.len() >= n1 * k, "logits_argmax: weights too short");
+                let mut parts = alloc::vec![ArgmaxPartial::EMPTY; rows];
+                // SAFETY: `fused` exists only for the AMX kernels, chosen after
+                // amx::available(); s holds rows n0..n1 of k.
+                unsafe {
+                    dvl_kernels::amx::unmask::argmax_partials(
+                        acts,
+                        &s[n0 * k..n1 * k],
+                        n1 - n0,
+                        n0,
+                        never,
+                        &mut parts,
+                    )
+                };
+                return parts;
+            }
             z.resize(rows * CHUNK, 0.0);
             let z = &mut z[..rows * (n1 - n0)];
             #[cfg(target_arch = "x86_64")]

@@ -20,6 +20,8 @@ use core::sync::atomic::{AtomicU8, Ordering};
 
 use crate::bf16;
 
+pub mod unmask;
+
 /// 0 = not checked, 1 = usable, 2 = unavailable.
 static AMX_STATE: AtomicU8 = AtomicU8::new(0);
 
@@ -355,36 +357,9 @@ pub unsafe fn matmul_amx_bf16_packed(
     let cfg = TileConfig::full();
     asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
 
-    // Weight blocks that cannot be read in place (last k block, last partial n block) are
-    // copied zero-padded: row stride 64 bytes for the k tail, kp·2 bytes for a short block.
-    let w16: &[u16] = bytemuck_u16(w);
-    let k_full = k / 32;
-    let mut k_tail = alloc_zeroed(if k_full < kb { nb * 16 * 32 } else { 0 });
-    if k_full < kb {
-        for j in 0..n {
-            for t in k_full * 32..k {
-                k_tail[j * 32 + (t - k_full * 32)] = w16[j * k + t];
-            }
-        }
-    }
-    let n_full = n / 16;
-    let mut n_tail = alloc_zeroed(if n_full < nb { 16 * kp } else { 0 });
-    if n_full < nb {
-        for j in n_full * 16..n {
-            let r = j - n_full * 16;
-            n_tail[r * kp..r * kp + k].copy_from_slice(&w16[j * k..(j + 1) * k]);
-        }
-    }
-    // Address and stride of tile A (weight block `b`, k block `q`).
-    let a_tile = |b: usize, q: usize| -> (*const u16, usize) {
-        if b >= n_full {
-            (n_tail.as_ptr().add(q * 32), kp * 2)
-        } else if q >= k_full {
-            (k_tail.as_ptr().add(b * 16 * 32), 64)
-        } else {
-            (w16.as_ptr().add(b * 16 * k + q * 32), k * 2)
-        }
-    };
+    let wt = WeightTiles::new(w, n, k);
+    let w16 = wt.w16;
+    let a_tile = |b: usize, q: usize| wt.tile(b, q);
 
     let b_tile = |mb: usize, q: usize| packed.data.as_ptr().add((mb * kb + q) * 512);
     if m <= 32 {
@@ -841,6 +816,64 @@ unsafe fn write_block(
             v = _mm512_add_ps(v, cols[p * m_out + i]);
         }
         _mm512_mask_storeu_ps(out.add(i * ldo + j0), jmask, _mm512_add_ps(v, bias_v));
+    }
+}
+
+/// A weight matrix (`n` rows of `k`, as stored) seen as tile-A operands: block `b` (rows
+/// 16·b…) at k block `q` (32 values). Blocks are read in place where they can be; the
+/// last k block (when k is not a multiple of 32) and a short last block are copied
+/// zero-padded: row stride 64 bytes for the k tail, kp·2 bytes for the short block.
+pub(crate) struct WeightTiles<'a> {
+    pub(crate) w16: &'a [u16],
+    k: usize,
+    kp: usize,
+    k_full: usize,
+    n_full: usize,
+    k_tail: alloc::vec::Vec<u16>,
+    n_tail: alloc::vec::Vec<u16>,
+}
+
+impl<'a> WeightTiles<'a> {
+    pub(crate) fn new(w: &'a [bf16], n: usize, k: usize) -> Self {
+        let w16 = bytemuck_u16(w);
+        let (kb, nb) = (k.div_ceil(32), n.div_ceil(16));
+        let (kp, k_full, n_full) = (kb * 32, k / 32, n / 16);
+        let mut k_tail = alloc_zeroed(if k_full < kb { nb * 16 * 32 } else { 0 });
+        if k_full < kb {
+            for j in 0..n {
+                let t0 = k_full * 32;
+                k_tail[j * 32..j * 32 + (k - t0)].copy_from_slice(&w16[j * k + t0..(j + 1) * k]);
+            }
+        }
+        let mut n_tail = alloc_zeroed(if n_full < nb { 16 * kp } else { 0 });
+        for j in n_full * 16..n {
+            let r = j - n_full * 16;
+            n_tail[r * kp..r * kp + k].copy_from_slice(&w16[j * k..(j + 1) * k]);
+        }
+        WeightTiles {
+            w16,
+            k,
+            kp,
+            k_full,
+            n_full,
+            k_tail,
+            n_tail,
+        }
+    }
+
+    /// Address and row stride (bytes) of tile A for weight block `b`, k block `q`.
+    ///
+    /// # Safety
+    /// `b < n.div_ceil(16)` and `q < k.div_ceil(32)`.
+    #[inline(always)]
+    pub(crate) unsafe fn tile(&self, b: usize, q: usize) -> (*const u16, usize) {
+        if b >= self.n_full {
+            (self.n_tail.as_ptr().add(q * 32), self.kp * 2)
+        } else if q >= self.k_full {
+            (self.k_tail.as_ptr().add(b * 16 * 32), 64)
+        } else {
+            (self.w16.as_ptr().add(b * 16 * self.k + q * 32), self.k * 2)
+        }
     }
 }
 
