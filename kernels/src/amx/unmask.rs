@@ -30,10 +30,12 @@ pub const MAX_ROWS: usize = 16;
 enum Layout {
     /// One term: a C tile of 16 ids × `m_pad` columns (row `i` in column `i`).
     Compact,
-    /// Three terms (f32 rows as bf16 hi + mid + lo) in the columns of one or two C tiles
-    /// of 16 × 16, as [`super::pack_activations_f32x3`] packs them: term `p` of row `i` in
-    /// column `p·rows + i` (3·rows ≤ 32: as many tile products as one term, the terms
-    /// summed across lanes).
+    /// Three terms (f32 rows as bf16 hi + mid + lo) in the columns of C tiles, as
+    /// [`super::pack_activations_f32x3`] packs them: term `p` of row `i` in column
+    /// `p·rows + i` (as many tile products as one term, the terms summed across lanes).
+    /// One tile (3·rows ≤ 16) has just those columns and is stored compactly, its terms
+    /// gathered into the compact layout with two permutes a vector ([`Gather`]); two tiles
+    /// (3·rows ≤ 32) are 16 × 16 and summed row by row.
     Columns { tiles: usize },
     /// Three terms in three compact C tiles (more rows than two tiles' columns hold).
     Terms,
@@ -150,7 +152,11 @@ pub unsafe fn argmax_partials(
     let nb = n.div_ceil(16);
     // Tiles: A (the weights, tmm4/tmm5) 16 rows × 32 bf16; C and B 16 rows × `cols` f32 /
     // bf16 pairs.
-    let cols = if layout == Layout::Compact { m_pad } else { 16 };
+    let cols = match layout {
+        Layout::Compact => m_pad,
+        Layout::Columns { tiles: 1 } => 3 * rows,
+        _ => 16,
+    };
     let mut cfg = super::TileConfig::full();
     for t in [0usize, 1, 2, 3, 6, 7] {
         let colsb = (4 * cols) as u16;
@@ -195,7 +201,15 @@ pub unsafe fn argmax_partials(
         never_z: [f32::NEG_INFINITY; MAX_ROWS],
         lane_ids,
         z: [0.0; 256],
+        gather: alloc::vec::Vec::new(),
     };
+    if layout == (Layout::Columns { tiles: 1 }) {
+        for j in 0..m_pad {
+            for t in 0..3 {
+                blk.gather.push(Gather::new(rows, m_pad, j, t));
+            }
+        }
+    }
 
     // Tile products of weight block `b`. One C tile (Compact, one Columns tile): blocks
     // alternate tmm0/tmm1 so a block's products need not wait for the previous block's
@@ -371,6 +385,63 @@ struct Block {
     lane_ids: __m512i,
     /// A block's logits, compact, where they pass through memory.
     z: [f32; 256],
+    /// One-tile [`Layout::Columns`]: term `t` of compact vector `j` at `3·j + t`.
+    gather: alloc::vec::Vec<Gather>,
+}
+
+/// Where the 16 lanes of one term of one compact vector sit in a one-tile
+/// [`Layout::Columns`] block, stored as 16 ids × 3·rows f32: lanes from vectors `first` and
+/// `first + 1` by `near` (a two-source permute), the rest (`far_lanes`) from `first + 2`.
+struct Gather {
+    first: usize,
+    near: __m512i,
+    far: __m512i,
+    far_lanes: __mmask16,
+}
+
+impl Gather {
+    /// Term `t` of compact vector `j`: lane l is row l % m_pad (row 0 stands in for the
+    /// padding rows) of id (16·j + l) / m_pad, at 3·rows·id + t·rows + row.
+    fn new(rows: usize, m_pad: usize, j: usize, t: usize) -> Gather {
+        let src = |l: usize| {
+            let (id, row) = ((16 * j + l) / m_pad, l % m_pad);
+            3 * rows * id + t * rows + if row < rows { row } else { 0 }
+        };
+        let first = (0..16).map(src).min().unwrap_or(0) / 16;
+        let (mut near, mut far, mut far_lanes) = ([0i32; 16], [0i32; 16], 0u16);
+        for l in 0..16 {
+            let rel = src(l) - 16 * first;
+            // A vector's ids span 16 / m_pad · 3·rows ≤ 48 values: at most three vectors.
+            debug_assert!(rel < 48);
+            if rel < 32 {
+                near[l] = rel as i32;
+            } else {
+                far[l] = (rel - 32) as i32;
+                far_lanes |= 1 << l;
+            }
+        }
+        // SAFETY: unaligned loads of 16 i32 from local arrays.
+        unsafe {
+            Gather {
+                first,
+                near: _mm512_loadu_si512(near.as_ptr() as *const _),
+                far: _mm512_loadu_si512(far.as_ptr() as *const _),
+                far_lanes,
+            }
+        }
+    }
+
+    /// The 16 lanes from the block's stored tile at `c`.
+    #[inline(always)]
+    unsafe fn take(&self, c: *const f32) -> __m512 {
+        let v = c.add(16 * self.first);
+        let out = _mm512_permutex2var_ps(_mm512_load_ps(v), self.near, _mm512_load_ps(v.add(16)));
+        if self.far_lanes == 0 {
+            out
+        } else {
+            _mm512_mask_permutexvar_ps(out, self.far_lanes, self.far, _mm512_load_ps(v.add(32)))
+        }
+    }
 }
 
 /// Fold weight block `b`'s logits (its C tiles at `c`, see [`Layout`]) into the lane
@@ -381,34 +452,19 @@ unsafe fn take_block(st: &mut Lanes, blk: &mut Block, c: *const f32, b: usize) {
     let j0 = b * 16;
     let special = j0 + 16 > blk.n || blk.local_never.is_some_and(|v| (j0..j0 + 16).contains(&v));
     // Vector j of the block's logits (lane l: row l % m_pad of id j0 + (16·j + l) / m_pad).
-    let compact = |j: usize| {
-        let z = _mm512_load_ps(c.add(16 * j));
-        if blk.layout == Layout::Terms {
-            // ((hi + mid) + lo), the order of the matmul's write-out.
-            _mm512_add_ps(
-                _mm512_add_ps(z, _mm512_load_ps(c.add(256 + 16 * j))),
-                _mm512_load_ps(c.add(512 + 16 * j)),
-            )
-        } else {
-            z
-        }
-    };
     let Block { z, never_z, .. } = blk;
-    if let Layout::Columns { tiles } = blk.layout {
-        // Per id: ((hi + mid) + lo), lanes rows + i and 2·rows + i of the (one or two)
-        // tile rows brought to lane i; its first m_pad lanes go to z compactly, as the
-        // other layouts store them.
+    let two = blk.layout == Layout::Columns { tiles: 2 };
+    if two {
+        // Per id: ((hi + mid) + lo), lanes rows + i and 2·rows + i of the two tile rows
+        // brought to lane i; its first m_pad lanes go to z compactly, as the other
+        // layouts store them.
         let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         let mid = _mm512_add_epi32(iota, _mm512_set1_epi32(rows as i32));
         let lo = _mm512_add_epi32(iota, _mm512_set1_epi32(2 * rows as i32));
         let keep: __mmask16 = ((1u32 << m_pad) - 1) as u16;
         for r in 0..16 {
             let v0 = _mm512_load_ps(c.add(16 * r));
-            let v1 = if tiles == 2 {
-                _mm512_load_ps(c.add(256 + 16 * r))
-            } else {
-                v0
-            };
+            let v1 = _mm512_load_ps(c.add(256 + 16 * r));
             let sum = _mm512_add_ps(
                 _mm512_add_ps(v0, _mm512_permutex2var_ps(v0, mid, v1)),
                 _mm512_permutex2var_ps(v0, lo, v1),
@@ -417,7 +473,10 @@ unsafe fn take_block(st: &mut Lanes, blk: &mut Block, c: *const f32, b: usize) {
         }
     } else if special {
         for j in 0..m_pad {
-            _mm512_storeu_ps(z.as_mut_ptr().add(16 * j), compact(j));
+            _mm512_storeu_ps(
+                z.as_mut_ptr().add(16 * j),
+                block_vector(blk.layout, &blk.gather, c, j),
+            );
         }
     }
     if special {
@@ -435,12 +494,12 @@ unsafe fn take_block(st: &mut Lanes, blk: &mut Block, c: *const f32, b: usize) {
     }
     let mut ids = _mm512_add_epi32(blk.lane_ids, _mm512_set1_epi32(j0 as i32));
     let step = _mm512_set1_epi32((16 / m_pad) as i32);
-    let in_z = special || matches!(blk.layout, Layout::Columns { .. });
+    let in_z = special || two;
     for j in 0..m_pad {
         let v = if in_z {
             _mm512_loadu_ps(z.as_ptr().add(16 * j))
         } else {
-            compact(j)
+            block_vector(blk.layout, &blk.gather, c, j)
         };
         update(st, v, ids);
         ids = _mm512_add_epi32(ids, step);
@@ -449,6 +508,29 @@ unsafe fn take_block(st: &mut Lanes, blk: &mut Block, c: *const f32, b: usize) {
     // terms, as in the unfused sums).
     if b % 16 == 15 {
         flush(st);
+    }
+}
+
+/// Vector `j` of a block's logits from its C tiles at `c` (lane l: row l % m_pad of id
+/// 16·b + (16·j + l) / m_pad), for the layouts stored compactly. (A function, not a
+/// closure: closures do not inherit the caller's target features, and the intrinsics in
+/// them became calls.)
+#[inline(always)]
+unsafe fn block_vector(layout: Layout, gather: &[Gather], c: *const f32, j: usize) -> __m512 {
+    match layout {
+        Layout::Columns { .. } => {
+            // ((hi + mid) + lo), the order of the matmul's write-out.
+            let g = &gather[3 * j..3 * j + 3];
+            _mm512_add_ps(_mm512_add_ps(g[0].take(c), g[1].take(c)), g[2].take(c))
+        }
+        Layout::Terms => _mm512_add_ps(
+            _mm512_add_ps(
+                _mm512_load_ps(c.add(16 * j)),
+                _mm512_load_ps(c.add(256 + 16 * j)),
+            ),
+            _mm512_load_ps(c.add(512 + 16 * j)),
+        ),
+        Layout::Compact => _mm512_load_ps(c.add(16 * j)),
     }
 }
 
