@@ -33,9 +33,9 @@ enum Layout {
     /// Three terms (f32 rows as bf16 hi + mid + lo) in the columns of C tiles, as
     /// [`super::pack_activations_f32x3`] packs them: term `p` of row `i` in column
     /// `p·rows + i` (as many tile products as one term, the terms summed across lanes).
-    /// One tile (3·rows ≤ 16) has just those columns and is stored compactly, its terms
-    /// gathered into the compact layout with two permutes a vector ([`Gather`]); two tiles
-    /// (3·rows ≤ 32) are 16 × 16 and summed row by row.
+    /// The tiles (one for 3·rows ≤ 16, two for ≤ 32) have just those columns and are
+    /// stored as one compact block of 16 ids × 3·rows, whose terms are gathered into the
+    /// compact layout with two permutes a vector ([`Gather`]).
     Columns { tiles: usize },
     /// Three terms in three compact C tiles (more rows than two tiles' columns hold).
     Terms,
@@ -152,14 +152,23 @@ pub unsafe fn argmax_partials(
     let nb = n.div_ceil(16);
     // Tiles: A (the weights, tmm4/tmm5) 16 rows × 32 bf16; C and B 16 rows × `cols` f32 /
     // bf16 pairs.
+    // (Stored rows are `cols` f32 apart: with two Columns tiles the first holds columns
+    // 0–15 of each id's 3·rows and the second the rest, stored 16 f32 further on, so both
+    // land in one compact 16 ids × 3·rows block.)
     let cols = match layout {
         Layout::Compact => m_pad,
-        Layout::Columns { tiles: 1 } => 3 * rows,
-        _ => 16,
+        Layout::Columns { .. } => 3 * rows,
+        Layout::Terms => 16,
     };
     let mut cfg = super::TileConfig::full();
     for t in [0usize, 1, 2, 3, 6, 7] {
-        let colsb = (4 * cols) as u16;
+        // Two Columns tiles: tmm0/2/6 carry columns 0–15 (C and B), tmm1/3/7 the rest.
+        let width = match layout {
+            Layout::Columns { tiles: 2 } if t % 2 == 0 || t == 6 => 16,
+            Layout::Columns { tiles: 2 } => 3 * rows - 16,
+            _ => cols,
+        };
+        let colsb = (4 * width) as u16;
         cfg.0[16 + 2 * t..18 + 2 * t].copy_from_slice(&colsb.to_le_bytes());
     }
     asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
@@ -203,7 +212,7 @@ pub unsafe fn argmax_partials(
         z: [0.0; 256],
         gather: alloc::vec::Vec::new(),
     };
-    if layout == (Layout::Columns { tiles: 1 }) {
+    if let Layout::Columns { .. } = layout {
         for j in 0..m_pad {
             for t in 0..3 {
                 blk.gather.push(Gather::new(rows, m_pad, j, t));
@@ -345,11 +354,11 @@ pub unsafe fn argmax_partials(
             Layout::Compact | Layout::Columns { tiles: 1 } => tile_store!("1", c, c_stride),
             Layout::Columns { .. } if b_resident || b % 2 == 0 => {
                 tile_store!("0", c, c_stride);
-                tile_store!("1", c.add(256), c_stride);
+                tile_store!("1", c.add(16), c_stride);
             }
             Layout::Columns { .. } => {
                 tile_store!("2", c, c_stride);
-                tile_store!("3", c.add(256), c_stride);
+                tile_store!("3", c.add(16), c_stride);
             }
             Layout::Terms => {
                 tile_store!("0", c, c_stride);
@@ -385,12 +394,12 @@ struct Block {
     lane_ids: __m512i,
     /// A block's logits, compact, where they pass through memory.
     z: [f32; 256],
-    /// One-tile [`Layout::Columns`]: term `t` of compact vector `j` at `3·j + t`.
+    /// [`Layout::Columns`]: term `t` of compact vector `j` at `3·j + t`.
     gather: alloc::vec::Vec<Gather>,
 }
 
-/// Where the 16 lanes of one term of one compact vector sit in a one-tile
-/// [`Layout::Columns`] block, stored as 16 ids × 3·rows f32: lanes from vectors `first` and
+/// Where the 16 lanes of one term of one compact vector sit in a [`Layout::Columns`] block,
+/// stored as 16 ids × 3·rows f32: lanes from vectors `first` and
 /// `first + 1` by `near` (a two-source permute), the rest (`far_lanes`) from `first + 2`.
 struct Gather {
     first: usize,
@@ -453,25 +462,7 @@ unsafe fn take_block(st: &mut Lanes, blk: &mut Block, c: *const f32, b: usize) {
     let special = j0 + 16 > blk.n || blk.local_never.is_some_and(|v| (j0..j0 + 16).contains(&v));
     // Vector j of the block's logits (lane l: row l % m_pad of id j0 + (16·j + l) / m_pad).
     let Block { z, never_z, .. } = blk;
-    let two = blk.layout == Layout::Columns { tiles: 2 };
-    if two {
-        // Per id: ((hi + mid) + lo), lanes rows + i and 2·rows + i of the two tile rows
-        // brought to lane i; its first m_pad lanes go to z compactly, as the other
-        // layouts store them.
-        let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        let mid = _mm512_add_epi32(iota, _mm512_set1_epi32(rows as i32));
-        let lo = _mm512_add_epi32(iota, _mm512_set1_epi32(2 * rows as i32));
-        let keep: __mmask16 = ((1u32 << m_pad) - 1) as u16;
-        for r in 0..16 {
-            let v0 = _mm512_load_ps(c.add(16 * r));
-            let v1 = _mm512_load_ps(c.add(256 + 16 * r));
-            let sum = _mm512_add_ps(
-                _mm512_add_ps(v0, _mm512_permutex2var_ps(v0, mid, v1)),
-                _mm512_permutex2var_ps(v0, lo, v1),
-            );
-            _mm512_mask_storeu_ps(z.as_mut_ptr().add(r * m_pad), keep, sum);
-        }
-    } else if special {
+    if special {
         for j in 0..m_pad {
             _mm512_storeu_ps(
                 z.as_mut_ptr().add(16 * j),
@@ -494,7 +485,7 @@ unsafe fn take_block(st: &mut Lanes, blk: &mut Block, c: *const f32, b: usize) {
     }
     let mut ids = _mm512_add_epi32(blk.lane_ids, _mm512_set1_epi32(j0 as i32));
     let step = _mm512_set1_epi32((16 / m_pad) as i32);
-    let in_z = special || two;
+    let in_z = special;
     for j in 0..m_pad {
         let v = if in_z {
             _mm512_loadu_ps(z.as_ptr().add(16 * j))
