@@ -228,6 +228,11 @@ pub unsafe fn argmax_partials(
     // A tiles alternate tmm4/tmm5 by k block: a load need not wait for the products
     // reading the other one (tiles are not renamed).
     let two = layout == Layout::Columns { tiles: 2 };
+    let w_bytes = wt.w16.as_ptr() as *const i8;
+    let (total, block_bytes) = (n * k * 2, 32 * k);
+    let ahead = (2 * block_bytes).max(16 << 10);
+    let pf_step = block_bytes.div_ceil(kb * 64) * 64;
+    let prefetch = block_bytes > 4096;
     let b_resident = layout != Layout::Terms && kb <= 2;
     if b_resident && two {
         tile_load!("2", b_tile(0, 0), 64usize);
@@ -247,6 +252,21 @@ pub unsafe fn argmax_partials(
     macro_rules! a_load {
         ($b:expr, $q:expr) => {{
             let (ap, stride) = wt.tile($b, $q);
+            // Blocks spanning pages (16 rows of k > 128) are 16 strided streams, which the
+            // hardware prefetchers do not follow: their weights ahead go into L2 a few lines
+            // per k step, as in the matmul's step kernel (0.5b, k = 896, 272 MB from DRAM:
+            // the tile loads alone fell ~25% behind). A block of k ≤ 128 is one contiguous
+            // stream the hardware follows; prefetching it too cost 5–15% (tiny, k = 64).
+            let mut pf = $b * block_bytes + ahead + $q * pf_step;
+            let pf_end = if prefetch {
+                (pf + pf_step).min(total)
+            } else {
+                0
+            };
+            while pf < pf_end {
+                _mm_prefetch::<_MM_HINT_T1>(w_bytes.add(pf));
+                pf += 64;
+            }
             if $q % 2 == 0 {
                 tile_load!("4", ap, stride);
             } else {
