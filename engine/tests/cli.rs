@@ -68,21 +68,19 @@ fn every_golden_case_through_cli_json() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-#[test]
-fn dump_writes_fixture_probes() {
-    let dir = std::env::temp_dir().join(format!("dvl-dump-{}", std::process::id()));
+/// `dvl generate --json` on model a's golden question with `gen_length` and `extra`
+/// arguments; fails the test unless it succeeds.
+fn generate_json(gen_length: &str, extra: &[&str]) -> Value {
     let model = model_dir("a").unwrap();
     let out = dvl()
+        .args(["generate", "--model", model.to_str().unwrap(), "--json"])
         .args([
-            "generate",
-            "--model",
-            model.to_str().unwrap(),
             "--prompt",
             "What is two plus two?",
             "--gen-length",
-            "32",
+            gen_length,
         ])
-        .args(["--json", "--dump", dir.to_str().unwrap()])
+        .args(extra)
         .output()
         .unwrap();
     assert!(
@@ -90,6 +88,13 @@ fn dump_writes_fixture_probes() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn dump_writes_fixture_probes() {
+    let dir = std::env::temp_dir().join(format!("dvl-dump-{}", std::process::id()));
+    generate_json("32", &["--dump", dir.to_str().unwrap()]);
     let golden = tiny_root().join("a/golden/a_text_static8.safetensors");
     for name in [
         "prefill_last_block_hidden",
@@ -109,29 +114,8 @@ fn dump_writes_fixture_probes() {
 #[test]
 fn repeat_reports_the_first_runs_answer_and_probes() {
     let dir = std::env::temp_dir().join(format!("dvl-repeat-{}", std::process::id()));
-    let model = model_dir("a").unwrap();
-    let run = |extra: &[&str]| -> Value {
-        let out = dvl()
-            .args(["generate", "--model", model.to_str().unwrap()])
-            .args([
-                "--prompt",
-                "What is two plus two?",
-                "--gen-length",
-                "16",
-                "--json",
-            ])
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
-    let once = run(&[]);
-    let thrice = run(&["--repeat", "3", "--dump", dir.to_str().unwrap()]);
+    let once = generate_json("16", &[]);
+    let thrice = generate_json("16", &["--repeat", "3", "--dump", dir.to_str().unwrap()]);
     assert_eq!(once["ids"], thrice["ids"]);
     assert_eq!(once["text"], thrice["text"]);
     assert!(thrice["timings"]["decode_ms"].as_f64().unwrap() > 0.0);

@@ -139,8 +139,30 @@ macro_rules! tile_zero {
         asm!(concat!("tilezero tmm", $t), options(nostack, nomem))
     };
 }
-// Shared with the AMX attention tiles.
-pub(crate) use {tile_dp, tile_load, tile_store, tile_zero};
+/// Load the B tiles that stay resident over all weight blocks when k ≤ 64 (`kb` ≤ 2): with
+/// two row blocks (`two`) tmm2/tmm3 for k block 0 and tmm6/tmm7 for k block 1, else tmm6
+/// and tmm7. `b_tile(t, q)` is the address of B tile `t` (row block or term tile) at k
+/// block `q`.
+macro_rules! load_resident_b {
+    ($two:expr, $kb:expr, $b_tile:expr) => {{
+        if $two {
+            tile_load!("2", $b_tile(0, 0), 64usize);
+            tile_load!("3", $b_tile(1, 0), 64usize);
+            if $kb == 2 {
+                tile_load!("6", $b_tile(0, 1), 64usize);
+                tile_load!("7", $b_tile(1, 1), 64usize);
+            }
+        } else {
+            tile_load!("6", $b_tile(0, 0), 64usize);
+            if $kb == 2 {
+                tile_load!("7", $b_tile(0, 1), 64usize);
+            }
+        }
+    }};
+}
+
+// Shared with the AMX attention tiles and the fused unmasking.
+pub(crate) use {load_resident_b, tile_dp, tile_load, tile_store, tile_zero};
 
 /// Activations rounded to bf16 and packed once into the VNNI pair layout of tile B, so
 /// that threads splitting the weight rows of one matmul share a single copy.
@@ -479,18 +501,8 @@ pub unsafe fn matmul_amx_bf16_packed(
                 }
             }};
         }
-        if b_resident && two_m {
-            tile_load!("2", b_tile(0, 0), 64usize);
-            tile_load!("3", b_tile(1, 0), 64usize);
-            if kb == 2 {
-                tile_load!("6", b_tile(0, 1), 64usize);
-                tile_load!("7", b_tile(1, 1), 64usize);
-            }
-        } else if b_resident {
-            tile_load!("6", b_tile(0, 0), 64usize);
-            if kb == 2 {
-                tile_load!("7", b_tile(0, 1), 64usize);
-            }
+        if b_resident {
+            load_resident_b!(two_m, kb, b_tile);
         }
         for b in 0..nb {
             if two_m && b_resident {

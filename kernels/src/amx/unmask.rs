@@ -18,7 +18,7 @@
 use core::arch::asm;
 use core::arch::x86_64::*;
 
-use super::{tile_dp, tile_load, tile_store, tile_zero, PackedActs, WeightTiles};
+use super::{load_resident_b, tile_dp, tile_load, tile_store, tile_zero, PackedActs, WeightTiles};
 use crate::bf16;
 use crate::softmax::ArgmaxPartial;
 
@@ -234,18 +234,8 @@ pub unsafe fn argmax_partials(
     let pf_step = block_bytes.div_ceil(kb * 64) * 64;
     let prefetch = block_bytes > 4096;
     let b_resident = layout != Layout::Terms && kb <= 2;
-    if b_resident && two {
-        tile_load!("2", b_tile(0, 0), 64usize);
-        tile_load!("3", b_tile(1, 0), 64usize);
-        if kb == 2 {
-            tile_load!("6", b_tile(0, 1), 64usize);
-            tile_load!("7", b_tile(1, 1), 64usize);
-        }
-    } else if b_resident {
-        tile_load!("6", b_tile(0, 0), 64usize);
-        if kb == 2 {
-            tile_load!("7", b_tile(0, 1), 64usize);
-        }
+    if b_resident {
+        load_resident_b!(two, kb, b_tile);
     }
     // (Macros, not closures: closures do not inherit this function's target features, and
     // asm! needs literal tile numbers.)
