@@ -1,6 +1,7 @@
 //! Per-kernel throughput (`cargo bench -p dvl-kernels`): GB/s of weights streamed for the
 //! skinny matmuls of a denoising step, GFLOP/s for the large-M matmuls of prefill and
-//! vision, the unmasking pass over a full vocabulary row, and attention (FLOP/s over the
+//! vision, the unmasking pass over a full vocabulary row (and, on AMX, fused into the
+//! projection of one vocabulary slice), and attention (FLOP/s over the
 //! visible keys). Single thread, every ISA the CPU has.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -121,6 +122,54 @@ fn unmask(c: &mut Criterion) {
                 })
             },
         );
+    }
+    g.finish();
+    #[cfg(target_arch = "x86_64")]
+    if dvl_kernels::amx::available() {
+        unmask_amx_slice(c);
+    }
+}
+
+/// The fused AMX projection + unmasking of one L2-resident 2048-id slice of k = 64 (the
+/// tiny model's vocabulary, as `logits_argmax` runs it per slice) against the unfused pass
+/// (tile matmul writing the logits, then `ArgmaxPartial` per row), for bf16 rows and f32
+/// rows as three bf16 terms.
+#[cfg(target_arch = "x86_64")]
+fn unmask_amx_slice(c: &mut Criterion) {
+    use dvl_kernels::amx::{self, unmask};
+    use dvl_kernels::softmax::ArgmaxPartial;
+    let (k, n) = (64usize, 2048usize);
+    let w: Vec<bf16> = data(n * k).into_iter().map(bf16::from_f32).collect();
+    let mut g = c.benchmark_group("unmask_amx_slice");
+    g.throughput(Throughput::Bytes((n * k * 2) as u64));
+    for rows in [1usize, 4, 8] {
+        let x = data(rows * k);
+        for (terms, packed) in [
+            ("bf16", amx::pack_activations(&x, rows, k)),
+            ("f32x3", amx::pack_activations_f32x3(&x, rows, k)),
+        ] {
+            let acts = unmask::UnmaskActs::new(&packed).expect("rows within a tile");
+            let mut parts = vec![ArgmaxPartial::EMPTY; rows];
+            let mut z = vec![0f32; rows * n];
+            let id = format!("{terms}/{rows}x{k}x{n}");
+            g.bench_function(BenchmarkId::new("fused", &id), |b| {
+                // SAFETY: available() checked CPU, OS and permission; shapes match.
+                b.iter(|| unsafe {
+                    unmask::argmax_partials(&acts, &w, n, 0, Some(77), &mut parts);
+                    parts[0].best_id
+                })
+            });
+            g.bench_function(BenchmarkId::new("unfused", &id), |b| {
+                b.iter(|| {
+                    // SAFETY: as above; z holds rows × n.
+                    unsafe { amx::matmul_amx_bf16_packed(&packed, &w, n, None, z.as_mut_ptr(), n) };
+                    for (p, zr) in parts.iter_mut().zip(z.chunks_exact(n)) {
+                        *p = ArgmaxPartial::of_isa(Isa::Avx512, zr, 0, Some(77));
+                    }
+                    parts[0].best_id
+                })
+            });
+        }
     }
     g.finish();
 }
