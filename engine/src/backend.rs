@@ -717,14 +717,15 @@ impl Backend for CpuBackend {
         use dvl_kernels::softmax::ArgmaxPartial;
         // Vocabulary slices small enough that their logits stay in L2.
         const CHUNK: usize = 2048;
-        let (isa, mut bf16) = (self.isa, self.kernel_for(rows, k));
+        let (isa, bf16) = (self.isa, self.kernel_for(rows, k));
         // Up to a tile of rows the unmasking runs fused on AMX tiles whatever the work: it
         // beats the FMA kernels + a separate pass even for one row of k = 64 (where
         // `kernel_for` keeps f32 matmuls off the tiles).
         #[cfg(target_arch = "x86_64")]
-        if self.bf16 == Bf16Kernel::AmxF32x3 && rows <= dvl_kernels::amx::unmask::MAX_ROWS {
-            bf16 = Bf16Kernel::AmxF32x3;
-        }
+        let bf16 = match self.bf16 {
+            Bf16Kernel::AmxF32x3 if rows <= dvl_kernels::amx::unmask::MAX_ROWS => self.bf16,
+            _ => bf16,
+        };
         // On AMX tiles the rows are packed once for every slice (packing per slice was ~10%
         // of the tiny model's projection).
         #[cfg(target_arch = "x86_64")]
