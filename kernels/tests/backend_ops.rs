@@ -667,6 +667,15 @@ fn amx_activation_packer_matches_its_reference_bitwise() {
         let got = dvl_kernels::amx::pack_activations(&x, m, k);
         let want = dvl_kernels::amx::pack_activations_reference(&x, m, k);
         assert_eq!(got.bits(), want.bits(), "m={m} k={k}");
+        // Tiles are loaded from the packed blocks: a row straddling two cache lines makes
+        // every tile load several times slower, so both packers start on a line.
+        for p in [&got, &want] {
+            assert_eq!(
+                p.bits().as_ptr() as usize % 64,
+                0,
+                "m={m} k={k}: packed data unaligned"
+            );
+        }
     }
 }
 

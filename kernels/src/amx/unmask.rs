@@ -18,7 +18,9 @@
 use core::arch::asm;
 use core::arch::x86_64::*;
 
-use super::{load_resident_b, tile_dp, tile_load, tile_store, tile_zero, PackedActs, WeightTiles};
+use super::{
+    load_resident_b, tile_dp, tile_load, tile_store, tile_zero, Aligned, PackedActs, WeightTiles,
+};
 use crate::bf16;
 use crate::softmax::ArgmaxPartial;
 
@@ -46,7 +48,7 @@ enum Layout {
 /// in column `i`, zero past the rows. Built once per projection and shared by the threads
 /// taking vocabulary slices.
 pub struct UnmaskActs {
-    data: alloc::vec::Vec<u16>,
+    data: Aligned<u16>,
     rows: usize,
     k: usize,
     layout: Layout,
@@ -70,10 +72,10 @@ impl UnmaskActs {
             _ => Layout::Terms,
         };
         let data = match layout {
-            Layout::Compact => packed.data[..kb * 512].to_vec(),
-            Layout::Columns { tiles } => packed.data[..tiles * kb * 512].to_vec(),
+            Layout::Compact => Aligned::from_slice(&packed.data[..kb * 512]),
+            Layout::Columns { tiles } => Aligned::from_slice(&packed.data[..tiles * kb * 512]),
             Layout::Terms => {
-                let mut data = alloc::vec![0u16; 3 * kb * 512];
+                let mut data = Aligned::<u16>::zeroed(3 * kb * 512);
                 // Packed row v sits in row block v / 16, column v % 16 (u32 pairs, see
                 // PackedActs); term p of row i is packed row p·rows + i.
                 for p in 0..3 {
@@ -177,11 +179,8 @@ pub unsafe fn argmax_partials(
     let b_tile = |t: usize, q: usize| acts.data.as_ptr().add((t * kb + q) * 512);
     // A block's C tiles (256 f32 apart, rows 4·cols bytes apart), two slots so a block's
     // statistics are taken while the next block's products run.
-    let mut slots = alloc::vec![0f32; 2 * 3 * 256 + 16];
-    let slots_ptr = {
-        let p = slots.as_mut_ptr();
-        p.add(p.align_offset(64))
-    };
+    let mut slots = Aligned::<f32>::zeroed(2 * 3 * 256);
+    let slots_ptr = slots.as_mut_ptr();
     let slot = |b: usize| slots_ptr.add((b % 2) * 3 * 256);
     let c_stride = 4 * cols;
 

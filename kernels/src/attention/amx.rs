@@ -24,14 +24,13 @@
 
 #![allow(clippy::needless_range_loop)]
 
-use alloc::vec;
 use alloc::vec::Vec;
 use core::arch::asm;
 use core::arch::x86_64::*;
 
 use super::{tile_end, AttnShape, Tile, CHUNK};
 use crate::amx::{
-    pack_avx512, round_bf16_lanes, tile_dp, tile_load, tile_store, tile_zero, TileConfig,
+    pack_avx512, round_bf16_lanes, tile_dp, tile_load, tile_store, tile_zero, Aligned, TileConfig,
 };
 use crate::math::{exp2_avx512, exp_f32};
 
@@ -75,8 +74,8 @@ fn has_bf16_convert() -> bool {
 /// `r·32 + i·2 + e` of block (b, j) holding `V[32b + 2r + e][16j + i]`. Keys are padded to
 /// a multiple of 32 and head_dim to the block width with zeros.
 pub struct PackedKv {
-    k: Vec<u16>,
-    v: Vec<u16>,
+    k: Aligned<u16>,
+    v: Aligned<u16>,
     n_keys: usize,
     n_kv_heads: usize,
     head_dim: usize,
@@ -127,15 +126,15 @@ pub fn pack_kv(k: &[f32], v: &[f32], n_keys: usize, s: AttnShape) -> PackedKv {
         );
     }
     let mut p = PackedKv {
-        k: Vec::new(),
-        v: Vec::new(),
+        k: Aligned::zeroed(0),
+        v: Aligned::zeroed(0),
         n_keys,
         n_kv_heads: s.n_kv_heads,
         head_dim: hd,
     };
     let (kl, vl) = (p.k_head_len(), p.v_head_len());
-    p.k = vec![0u16; s.n_kv_heads * kl];
-    p.v = vec![0u16; s.n_kv_heads * vl];
+    p.k = Aligned::zeroed(s.n_kv_heads * kl);
+    p.v = Aligned::zeroed(s.n_kv_heads * vl);
     if n_keys == 0 {
         return p;
     }
@@ -239,15 +238,6 @@ pub fn attention_amx<F: Fn(usize) -> (usize, usize)>(
     unsafe { tiled(q, n_q, kv, out, s, scale, &ranges) }
 }
 
-/// A zeroed buffer of `n` elements and a pointer into it aligned to 64 bytes.
-fn aligned<T: Copy + Default>(n: usize) -> (Vec<T>, *mut T) {
-    let mut v = vec![T::default(); n + 64 / core::mem::size_of::<T>()];
-    let p = v.as_mut_ptr();
-    // SAFETY: the offset is below 64 bytes, inside the extra room.
-    let p = unsafe { p.add(p.align_offset(64)) };
-    (v, p)
-}
-
 #[inline(always)]
 unsafe fn hsum(v: __m512) -> f32 {
     // A fixed tree: 8 + 8, 4 + 4, 2 + 2, 1 + 1.
@@ -292,11 +282,16 @@ unsafe fn tiled(
     let (dq, dv) = (db32 * 32, db16 * 16);
     let n_pairs = n_q * group;
 
-    let (_qb, qbuf) = aligned::<u16>(MB * dq);
-    let (_sb, sbuf) = aligned::<f32>(MB * S_LD);
-    let (_pb, pbuf) = aligned::<u16>(MB * P_LD);
-    let (_ob, ochunk) = aligned::<f32>(MB * dv);
-    let (_ab, oacc) = aligned::<f32>(MB * dv);
+    let mut q_tiles = Aligned::<u16>::zeroed(MB * dq);
+    let qbuf = q_tiles.as_mut_ptr();
+    let mut s_tiles = Aligned::<f32>::zeroed(MB * S_LD);
+    let sbuf = s_tiles.as_mut_ptr();
+    let mut p_tiles = Aligned::<u16>::zeroed(MB * P_LD);
+    let pbuf = p_tiles.as_mut_ptr();
+    let mut o_chunk = Aligned::<f32>::zeroed(MB * dv);
+    let ochunk = o_chunk.as_mut_ptr();
+    let mut o_acc = Aligned::<f32>::zeroed(MB * dv);
+    let oacc = o_acc.as_mut_ptr();
 
     let cfg = TileConfig::full();
     asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
