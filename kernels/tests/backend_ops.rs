@@ -573,8 +573,9 @@ fn amx_f32x3_is_as_accurate_as_f32_kernels() {
         (17, 40, 33),
         (40, 1176, 45),
         (70, 3420, 19),
-        // 300 packed rows in two passes of 160: the mid terms straddle the boundary.
         (100, 4100, 20),
+        // 300 packed rows in two passes of 160: the mid terms straddle the boundary.
+        (100, 2040, 20),
     ] {
         let x: Vec<f32> = rand_vec(m * k, 11 + k as u64)
             .iter()
@@ -698,8 +699,10 @@ fn amx_matches_reference_on_bf16_rounded_activations() {
         (70, 1176, 45),
         (300, 96, 20),
         (33, 3420, 17),
-        // Several passes over the weights (row chunks of 192).
+        // Activations too large for L2: every row in one pass over the weights.
         (500, 4100, 40),
+        // Several passes over the weights (row chunks of 160), a k tail, a lone last block.
+        (420, 2040, 37),
     ] {
         let x = rand_vec(m * k, 91 + k as u64);
         let w: Vec<bf16> = rand_vec(n * k, 92 + n as u64)
