@@ -210,6 +210,66 @@ pub fn pack_activations(x: &[f32], m: usize, k: usize) -> PackedActs {
     }
 }
 
+impl PackedActs {
+    /// Storage for `m` rows of `k` (one term per row) to be filled by
+    /// [`pack_row_blocks`], piece by piece (possibly on several threads); `reuse`'s
+    /// allocation is taken when it is large enough, so a prefill's matmuls do not each map
+    /// and fault in fresh pages. Contents are unspecified until packed.
+    pub fn storage(m: usize, k: usize, reuse: Option<PackedActs>) -> PackedActs {
+        let len = m.div_ceil(16) * k.div_ceil(32) * 512;
+        let data = match reuse {
+            Some(p) if p.data.capacity() >= len => {
+                let mut data = p.data;
+                data.resize(len);
+                data
+            }
+            _ => Aligned::zeroed(len),
+        };
+        PackedActs {
+            data,
+            m,
+            k,
+            parts: 1,
+        }
+    }
+
+    /// The storage split into pieces of `blocks` row blocks (16 rows each, the last piece
+    /// shorter): (first row block, its packed data), for [`pack_row_blocks`].
+    pub fn row_block_pieces(&mut self, blocks: usize) -> alloc::vec::Vec<(usize, &mut [u16])> {
+        let per = blocks.max(1) * self.k.div_ceil(32) * 512;
+        self.data
+            .chunks_mut(per)
+            .enumerate()
+            .map(|(i, c)| (i * blocks.max(1), c))
+            .collect()
+    }
+}
+
+/// Pack the row blocks of `x` (`m` rows of `k`) from `mb0` on into `dst`, a piece of
+/// [`PackedActs::row_block_pieces`] of the same `m` and `k`: the same bits as
+/// [`pack_activations`] gives for those blocks.
+pub fn pack_row_blocks(x: &[f32], m: usize, k: usize, mb0: usize, dst: &mut [u16]) {
+    let kb = k.div_ceil(32);
+    let blocks = dst.len() / (kb * 512).max(1);
+    let r0 = (mb0 * 16).min(m);
+    let rows = (m - r0).min(blocks * 16);
+    assert!(
+        x.len() >= m * k && dst.len() == blocks * kb * 512,
+        "pack_row_blocks: x holds {} < {m}×{k} or dst is not whole blocks",
+        x.len()
+    );
+    if available() {
+        // SAFETY: AMX implies AVX-512 F/BW (probe); x holds rows r0..r0 + rows of k, and
+        // dst the packed size of `blocks` row blocks (rows past `rows` are written as zeros).
+        unsafe { pack_avx512(&x[r0 * k..], rows, k, k, dst) };
+        dst[rows.div_ceil(16) * kb * 512..].fill(0);
+    } else {
+        let p = pack_activations_reference(&x[r0 * k..(r0 + rows) * k], rows, k);
+        dst[..p.data.len()].copy_from_slice(&p.data);
+        dst[p.data.len()..].fill(0);
+    }
+}
+
 /// The scalar packer: one value at a time, the definition of the layout.
 pub fn pack_activations_reference(x: &[f32], m: usize, k: usize) -> PackedActs {
     assert!(
@@ -924,6 +984,23 @@ impl<T: Plain> Aligned<T> {
         let mut a = Self::zeroed(src.len());
         a.copy_from_slice(src);
         a
+    }
+}
+
+impl<T: Plain> Aligned<T> {
+    /// Elements the allocation can hold without growing.
+    fn capacity(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// Shrink or grow (up to [`capacity`](Self::capacity)) to `len` elements; new ones
+    /// hold whatever the allocation held.
+    fn resize(&mut self, len: usize) {
+        assert!(
+            len <= self.capacity(),
+            "Aligned::resize beyond the allocation"
+        );
+        self.len = len;
     }
 }
 

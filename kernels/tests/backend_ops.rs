@@ -668,6 +668,17 @@ fn amx_activation_packer_matches_its_reference_bitwise() {
         let got = dvl_kernels::amx::pack_activations(&x, m, k);
         let want = dvl_kernels::amx::pack_activations_reference(&x, m, k);
         assert_eq!(got.bits(), want.bits(), "m={m} k={k}");
+        // Packed in row-block pieces (as threads do), into storage reused from an earlier,
+        // larger packing (stale contents): the same bits.
+        for blocks in [1, 2, 3, 64] {
+            let earlier =
+                dvl_kernels::amx::pack_activations(&rand_vec(40 * (k + 40), 3), 40, k + 40);
+            let mut pieced = dvl_kernels::amx::PackedActs::storage(m, k, Some(earlier));
+            for (mb0, dst) in pieced.row_block_pieces(blocks) {
+                dvl_kernels::amx::pack_row_blocks(&x, m, k, mb0, dst);
+            }
+            assert_eq!(pieced.bits(), want.bits(), "m={m} k={k} pieces of {blocks}");
+        }
         // Tiles are loaded from the packed blocks: a row straddling two cache lines makes
         // every tile load several times slower, so both packers start on a line.
         for p in [&got, &want] {
