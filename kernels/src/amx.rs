@@ -178,13 +178,6 @@ pub struct PackedActs {
     parts: usize,
 }
 
-impl PackedActs {
-    /// The packed bf16 bits, blocks in (row block, k block) order.
-    pub fn bits(&self) -> &[u16] {
-        &self.data
-    }
-}
-
 /// Pack `x` (`m` rows of `k`) for [`matmul_amx_bf16_packed`]: AVX-512 (16×16 pair
 /// transposes in registers) where AMX is usable, [`pack_activations_reference`] otherwise;
 /// both give the same bits.
@@ -194,23 +187,17 @@ pub fn pack_activations(x: &[f32], m: usize, k: usize) -> PackedActs {
         "pack_activations: x holds {} < {m}×{k}",
         x.len()
     );
-    // `available` is a cached flag that implies AVX-512 (cpuid itself traps to the
-    // hypervisor in a VM: too slow to ask per call).
-    if !available() {
-        return pack_activations_reference(x, m, k);
-    }
-    let mut data = alloc_zeroed(m.div_ceil(16) * k.div_ceil(32) * 512);
-    // SAFETY: AMX implies AVX-512 F/BW (probe); x holds m×k, data the packed size.
-    unsafe { pack_avx512(x, m, k, k, &mut data) };
-    PackedActs {
-        data,
-        m,
-        k,
-        parts: 1,
-    }
+    let mut packed = PackedActs::storage(m, k, None);
+    pack_row_blocks(x, m, k, 0, &mut packed.data);
+    packed
 }
 
 impl PackedActs {
+    /// The packed bf16 bits, blocks in (row block, k block) order.
+    pub fn bits(&self) -> &[u16] {
+        &self.data
+    }
+
     /// Storage for `m` rows of `k` (one term per row) to be filled by
     /// [`pack_row_blocks`], piece by piece (possibly on several threads); `reuse`'s
     /// allocation is taken when it is large enough, so a prefill's matmuls do not each map
@@ -258,6 +245,8 @@ pub fn pack_row_blocks(x: &[f32], m: usize, k: usize, mb0: usize, dst: &mut [u16
         "pack_row_blocks: x holds {} < {m}×{k} or dst is not whole blocks",
         x.len()
     );
+    // `available` is a cached flag that implies AVX-512 (cpuid itself traps to the
+    // hypervisor in a VM: too slow to ask per call).
     if available() {
         // SAFETY: AMX implies AVX-512 F/BW (probe); x holds rows r0..r0 + rows of k, and
         // dst the packed size of `blocks` row blocks (rows past `rows` are written as zeros).
@@ -279,8 +268,8 @@ pub fn pack_activations_reference(x: &[f32], m: usize, k: usize) -> PackedActs {
     );
     let kb = k.div_ceil(32);
     let mblocks = m.div_ceil(16);
-    let mut data = alloc_zeroed(mblocks * kb * 512);
-    let mut row16 = alloc_zeroed(kb * 32);
+    let mut data = Aligned::zeroed(mblocks * kb * 512);
+    let mut row16 = alloc::vec![0u16; kb * 32];
     for i in 0..m {
         let (mb, mi) = (i / 16, i % 16);
         for (d, &v) in row16.iter_mut().zip(&x[i * k..(i + 1) * k]) {
@@ -904,14 +893,14 @@ impl<'a> WeightTiles<'a> {
         let w16 = bytemuck_u16(w);
         let (kb, nb) = (k.div_ceil(32), n.div_ceil(16));
         let (kp, k_full, n_full) = (kb * 32, k / 32, n / 16);
-        let mut k_tail = alloc_zeroed(if k_full < kb { nb * 16 * 32 } else { 0 });
+        let mut k_tail = Aligned::zeroed(if k_full < kb { nb * 16 * 32 } else { 0 });
         if k_full < kb {
             for j in 0..n {
                 let t0 = k_full * 32;
                 k_tail[j * 32..j * 32 + (k - t0)].copy_from_slice(&w16[j * k + t0..(j + 1) * k]);
             }
         }
-        let mut n_tail = alloc_zeroed(if n_full < nb { 16 * kp } else { 0 });
+        let mut n_tail = Aligned::zeroed(if n_full < nb { 16 * kp } else { 0 });
         for j in n_full * 16..n {
             let r = j - n_full * 16;
             n_tail[r * kp..r * kp + k].copy_from_slice(&w16[j * k..(j + 1) * k]);
@@ -948,10 +937,6 @@ fn bytemuck_u16(w: &[bf16]) -> &[u16] {
     unsafe { core::slice::from_raw_parts(w.as_ptr() as *const u16, w.len()) }
 }
 
-fn alloc_zeroed(n: usize) -> Aligned<u16> {
-    Aligned::zeroed(n)
-}
-
 /// Element types an [`Aligned`] buffer may hold: plain numbers, zero by default.
 pub(crate) trait Plain: Copy + Default {}
 impl Plain for u16 {}
@@ -985,9 +970,7 @@ impl<T: Plain> Aligned<T> {
         a.copy_from_slice(src);
         a
     }
-}
 
-impl<T: Plain> Aligned<T> {
     /// Elements the allocation can hold without growing.
     fn capacity(&self) -> usize {
         self.buf.len() - self.start
