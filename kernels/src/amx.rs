@@ -304,6 +304,30 @@ pub(crate) unsafe fn round_bf16_lanes(v: __m512) -> __m512i {
     _mm512_mask_mov_epi32(t, nan, _mm512_or_si512(b, _mm512_set1_epi32(0x40_0000)))
 }
 
+/// Term `p` of [`split_bf16x3`] on 16 lanes, rounded as [`round_bf16_lanes`] rounds: the
+/// same f32 operations, so the same bits (non-finite values travel in term 0 alone).
+#[inline(always)]
+unsafe fn split_term_lanes(v: __m512, p: usize) -> __m512i {
+    let hi = round_bf16_lanes(v);
+    if p == 0 {
+        return hi;
+    }
+    let top = _mm512_set1_epi32(0xffff_0000u32 as i32);
+    // v − v is 0 for finite lanes and NaN for the others.
+    let finite = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(_mm512_sub_ps(v, v), _mm512_setzero_ps());
+    let r1 = _mm512_sub_ps(v, _mm512_castsi512_ps(_mm512_and_si512(hi, top)));
+    let mid = round_bf16_lanes(r1);
+    let t = if p == 1 {
+        mid
+    } else {
+        round_bf16_lanes(_mm512_sub_ps(
+            r1,
+            _mm512_castsi512_ps(_mm512_and_si512(mid, top)),
+        ))
+    };
+    _mm512_maskz_mov_epi32(finite, t)
+}
+
 /// Block (mb, q) at a time: each of its 16 rows' 32 values rounded to bf16 and narrowed
 /// to 16 u32 pairs in one register, then the 16×16 pairs transposed so that register r
 /// holds pair r of every row, which is the block's layout. Row `i` of `x` starts at
@@ -314,6 +338,24 @@ pub(crate) unsafe fn round_bf16_lanes(v: __m512) -> __m512i {
 /// packed size of `m` rows of `k`.
 #[target_feature(enable = "avx512f,avx512bw")]
 pub(crate) unsafe fn pack_avx512(x: &[f32], m: usize, k: usize, ld: usize, data: &mut [u16]) {
+    pack_terms_avx512(x, m, 1, k, ld, data)
+}
+
+/// [`pack_avx512`] of `parts` terms per value: packed row `p·m + i` holds term `p` of row
+/// `i` as [`split_bf16x3`] defines them (term 0 is `x` rounded, what `parts` = 1 packs),
+/// computed in registers on the way into the blocks, so no split copy of `x` is made.
+///
+/// # Safety
+/// As [`pack_avx512`], with `data` the packed size of `parts·m` rows of `k`; `parts` ≤ 3.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn pack_terms_avx512(
+    x: &[f32],
+    m: usize,
+    parts: usize,
+    k: usize,
+    ld: usize,
+    data: &mut [u16],
+) {
     let kb = k.div_ceil(32);
     // u16 lane j of (lo, hi) ← the high half of u32 lane j of the 32 rounded values.
     let mut idx = [0u16; 32];
@@ -321,9 +363,9 @@ pub(crate) unsafe fn pack_avx512(x: &[f32], m: usize, k: usize, ld: usize, data:
         *v = (2 * j + 1) as u16;
     }
     let idx = _mm512_loadu_si512(idx.as_ptr() as *const _);
-    let round = |v: __m512| round_bf16_lanes(v);
-    for mb in 0..m.div_ceil(16) {
-        let rows = (m - mb * 16).min(16);
+    let total = m * parts;
+    for mb in 0..total.div_ceil(16) {
+        let rows = (total - mb * 16).min(16);
         for q in 0..kb {
             let k0 = q * 32;
             let kn = (k - k0).min(32);
@@ -337,11 +379,12 @@ pub(crate) unsafe fn pack_avx512(x: &[f32], m: usize, k: usize, ld: usize, data:
             };
             let mut v = [_mm512_setzero_ps(); 16];
             for (i, vi) in v.iter_mut().enumerate().take(rows) {
-                let p = x.as_ptr().add((mb * 16 + i) * ld + k0);
-                let a = round(_mm512_maskz_loadu_ps(lo, p));
+                let (part, row) = ((mb * 16 + i) / m, (mb * 16 + i) % m);
+                let p = x.as_ptr().add(row * ld + k0);
+                let a = split_term_lanes(_mm512_maskz_loadu_ps(lo, p), part);
                 // Masked-off lanes are not read; wrapping_add keeps the address arithmetic
                 // defined when the row ends before them.
-                let b = round(_mm512_maskz_loadu_ps(hi, p.wrapping_add(16)));
+                let b = split_term_lanes(_mm512_maskz_loadu_ps(hi, p.wrapping_add(16)), part);
                 *vi = _mm512_castsi512_ps(_mm512_permutex2var_epi16(a, idx, b));
             }
             transpose16(&mut v);
@@ -785,7 +828,20 @@ pub unsafe fn matmul_amx_f32x3(
 /// ([`split_bf16x3`]); the kernel sums the terms' products on the way out, so the result
 /// is the f32-accurate `x·Wᵀ`.
 pub fn pack_activations_f32x3(x: &[f32], m: usize, k: usize) -> PackedActs {
-    let mut p = pack_activations(&split_bf16x3(x, m, k), 3 * m, k);
+    assert!(
+        x.len() >= m * k,
+        "pack_activations_f32x3: x holds {} < {m}×{k}",
+        x.len()
+    );
+    let mut p = if available() {
+        let mut p = PackedActs::storage(3 * m, k, None);
+        // SAFETY: AMX implies AVX-512 F/BW (probe); x holds m rows of k and p.data the
+        // packed size of 3m rows of k.
+        unsafe { pack_terms_avx512(x, m, 3, k, k, &mut p.data) };
+        p
+    } else {
+        pack_activations_reference(&split_bf16x3(x, m, k), 3 * m, k)
+    };
     p.parts = 3;
     p
 }

@@ -668,6 +668,12 @@ fn amx_activation_packer_matches_its_reference_bitwise() {
         let got = dvl_kernels::amx::pack_activations(&x, m, k);
         let want = dvl_kernels::amx::pack_activations_reference(&x, m, k);
         assert_eq!(got.bits(), want.bits(), "m={m} k={k}");
+        // Three bf16 terms per value, split in registers on the way into the blocks: the
+        // bits of the scalar split packed by the scalar packer.
+        let got3 = dvl_kernels::amx::pack_activations_f32x3(&x, m, k);
+        let split = dvl_kernels::amx::split_bf16x3(&x, m, k);
+        let want3 = dvl_kernels::amx::pack_activations_reference(&split, 3 * m, k);
+        assert_eq!(got3.bits(), want3.bits(), "f32x3 m={m} k={k}");
         // Packed in row-block pieces (as threads do), into storage reused from an earlier,
         // larger packing (stale contents): the same bits.
         for blocks in [1, 2, 3, 64] {
