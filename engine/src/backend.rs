@@ -248,9 +248,9 @@ impl CpuBackend {
     }
 
     /// The kernel for f32 activations: where AMX is granted, tiles with the activations
-    /// split into three bf16 terms for the few-row matmuls of denoising steps (as accurate
-    /// as f32 FMAs — products exact, f32 accumulation — and at the memory rate), else f32
-    /// FMAs.
+    /// split into three bf16 terms (as accurate as f32 FMAs — products exact, f32
+    /// accumulation — and faster: at the memory rate in denoising steps, ~1.4-1.8× in
+    /// prefill and vision), else f32 FMAs.
     fn f32_kernel(&self) -> Bf16Kernel {
         #[cfg(target_arch = "x86_64")]
         if self.f32_on_amx && self.isa == Isa::Avx512 && dvl_kernels::amx::available() {
@@ -361,17 +361,16 @@ enum Bf16Kernel {
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     Dot,
     /// f32 activations split into three bf16 terms on AMX tiles (f32-accurate; the
-    /// default f32 kernels for denoising steps where AMX is granted, see `kernel_for`).
+    /// default f32 kernels where AMX is granted, see `kernel_for`). A denoising step is
+    /// memory-bound, and three tile products per weight tile cost little there, while the
+    /// FMA kernels run out of issue slots near the DRAM rate. Prefill and vision are
+    /// compute-bound, and even three tile passes beat the FMA kernels (0.5B shape, 2
+    /// threads, FMA → tiles, `dvl bench` alternating: prefill 288 1.58/1.83 → 1.00/1.03 s,
+    /// prefill 1024 6.6 → 4.6 s, vision 448² 10.8/10.1 → 6.8/7.1 s).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     AmxF32x3,
 }
 
-/// Rows up to which f32 matmuls take [`Bf16Kernel::AmxF32x3`]. A denoising step streams
-/// every weight once and is memory-bound: three tile products per weight tile cost nothing
-/// there, while the FMA kernels run out of issue slots near the DRAM rate. Prefill and
-/// vision are compute-bound, where three tile passes (at this kernel's tile efficiency)
-/// are no faster than the FMA kernels, so they keep those.
-const AMX_F32_MAX_ROWS: usize = 32;
 /// Least rows × k for [`Bf16Kernel::AmxF32x3`]. A weight tile costs the tiles about the
 /// same whatever the rows (up to 5, or 10 in two row blocks), the FMA kernels in proportion
 /// to rows × k: the tiny model's k = 64 vocabulary projection written out as logits ran
@@ -383,9 +382,7 @@ impl CpuBackend {
     /// The kernel for a matmul of `m` rows of `k`.
     fn kernel_for(&self, m: usize, k: usize) -> Bf16Kernel {
         match self.bf16 {
-            Bf16Kernel::AmxF32x3 if m > AMX_F32_MAX_ROWS || m * k < self.f32_amx_min_work => {
-                Bf16Kernel::F32
-            }
+            Bf16Kernel::AmxF32x3 if m * k < self.f32_amx_min_work => Bf16Kernel::F32,
             kernel => kernel,
         }
     }
@@ -476,12 +473,8 @@ impl CpuBackend {
         out: &mut [f32],
     ) {
         assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n);
-        // f32 mode: three bf16 terms per activation, summed by the kernel (few rows).
-        let packed = if kernel == Bf16Kernel::AmxF32x3 {
-            dvl_kernels::amx::pack_activations_f32x3(x, m, k)
-        } else {
-            self.pack_rows(x, m, k)
-        };
+        // f32 mode: three bf16 terms per activation, summed by the kernel.
+        let packed = self.pack_rows(x, m, k, kernel == Bf16Kernel::AmxF32x3);
         let dst = SharedOut(out.as_mut_ptr());
         let piece = n.div_ceil(self.threads()).next_multiple_of(32);
         let run = |p: usize| {
@@ -515,31 +508,45 @@ impl CpuBackend {
         }
     }
 
-    /// Activations packed for the tiles, in row-block pieces across the pool (the packing
-    /// is a pass over x at memory speed: single-threaded it was ~15% of a 3B prefill
-    /// matmul's time on two threads), into the previous matmul's storage when it is large
-    /// enough. Same bits whatever the split.
-    fn pack_rows(&self, x: &[f32], m: usize, k: usize) -> dvl_kernels::amx::PackedActs {
-        use dvl_kernels::amx::{pack_row_blocks, PackedActs};
+    /// Activations packed for the tiles (as three bf16 terms each when `f32x3`), in
+    /// row-block pieces across the pool (the packing is a pass over x at memory speed:
+    /// single-threaded it was ~15% of a 3B prefill matmul's time on two threads), into the
+    /// previous matmul's storage when it is large enough. Same bits whatever the split.
+    fn pack_rows(
+        &self,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        f32x3: bool,
+    ) -> dvl_kernels::amx::PackedActs {
+        use dvl_kernels::amx::{pack_row_blocks, pack_row_blocks_f32x3, PackedActs};
         #[cfg(feature = "std")]
         let reuse = self.pack_scratch.lock().ok().and_then(|mut s| s.take());
         #[cfg(not(feature = "std"))]
         let reuse = None;
-        let mut packed = PackedActs::storage(m, k, reuse);
-        let blocks = m.div_ceil(16).div_ceil(self.threads());
+        let mut packed = if f32x3 {
+            PackedActs::storage_f32x3(m, k, reuse)
+        } else {
+            PackedActs::storage(m, k, reuse)
+        };
+        let pack = |mb0: usize, dst: &mut [u16]| {
+            if f32x3 {
+                pack_row_blocks_f32x3(x, m, k, mb0, dst)
+            } else {
+                pack_row_blocks(x, m, k, mb0, dst)
+            }
+        };
+        let packed_rows = m * if f32x3 { 3 } else { 1 };
+        let blocks = packed_rows.div_ceil(16).div_ceil(self.threads());
         let pieces = packed.row_block_pieces(blocks);
         #[cfg(feature = "std")]
         if let (Some(pool), true) = (&self.pool, pieces.len() > 1) {
             use rayon::prelude::*;
-            pool.install(|| {
-                pieces
-                    .into_par_iter()
-                    .for_each(|(mb0, dst)| pack_row_blocks(x, m, k, mb0, dst))
-            });
+            pool.install(|| pieces.into_par_iter().for_each(|(mb0, dst)| pack(mb0, dst)));
             return packed;
         }
         for (mb0, dst) in pieces {
-            pack_row_blocks(x, m, k, mb0, dst);
+            pack(mb0, dst);
         }
         packed
     }

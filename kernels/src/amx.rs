@@ -220,6 +220,14 @@ impl PackedActs {
         }
     }
 
+    /// [`storage`](Self::storage) for `m` rows of `k` as three bf16 terms each
+    /// ([`pack_activations_f32x3`]'s layout), filled by [`pack_row_blocks_f32x3`].
+    pub fn storage_f32x3(m: usize, k: usize, reuse: Option<PackedActs>) -> PackedActs {
+        let mut p = Self::storage(3 * m, k, reuse);
+        p.parts = 3;
+        p
+    }
+
     /// The storage split into pieces of `blocks` row blocks (16 rows each, the last piece
     /// shorter): (first row block, its packed data), for [`pack_row_blocks`].
     pub fn row_block_pieces(&mut self, blocks: usize) -> alloc::vec::Vec<(usize, &mut [u16])> {
@@ -236,10 +244,22 @@ impl PackedActs {
 /// [`PackedActs::row_block_pieces`] of the same `m` and `k`: the same bits as
 /// [`pack_activations`] gives for those blocks.
 pub fn pack_row_blocks(x: &[f32], m: usize, k: usize, mb0: usize, dst: &mut [u16]) {
+    pack_term_blocks(x, m, 1, k, mb0, dst)
+}
+
+/// [`pack_row_blocks`] for storage from [`PackedActs::storage_f32x3`]: the same bits as
+/// [`pack_activations_f32x3`] gives for those blocks of its `3m` packed rows.
+pub fn pack_row_blocks_f32x3(x: &[f32], m: usize, k: usize, mb0: usize, dst: &mut [u16]) {
+    pack_term_blocks(x, m, 3, k, mb0, dst)
+}
+
+/// Packed rows `16·mb0…` (as many as `dst` holds) of `parts` terms per row of `x`.
+fn pack_term_blocks(x: &[f32], m: usize, parts: usize, k: usize, mb0: usize, dst: &mut [u16]) {
     let kb = k.div_ceil(32);
     let blocks = dst.len() / (kb * 512).max(1);
-    let r0 = (mb0 * 16).min(m);
-    let rows = (m - r0).min(blocks * 16);
+    let total = parts * m;
+    let r0 = (mb0 * 16).min(total);
+    let rows = (total - r0).min(blocks * 16);
     assert!(
         x.len() >= m * k && dst.len() == blocks * kb * 512,
         "pack_row_blocks: x holds {} < {m}×{k} or dst is not whole blocks",
@@ -248,12 +268,20 @@ pub fn pack_row_blocks(x: &[f32], m: usize, k: usize, mb0: usize, dst: &mut [u16
     // `available` is a cached flag that implies AVX-512 (cpuid itself traps to the
     // hypervisor in a VM: too slow to ask per call).
     if available() {
-        // SAFETY: AMX implies AVX-512 F/BW (probe); x holds rows r0..r0 + rows of k, and
-        // dst the packed size of `blocks` row blocks (rows past `rows` are written as zeros).
-        unsafe { pack_avx512(&x[r0 * k..], rows, k, k, dst) };
+        // SAFETY: AMX implies AVX-512 F/BW (probe); x holds m rows of k, r0 is a multiple
+        // of 16 with r0 + rows ≤ parts·m, and dst holds the packed size of `blocks` row
+        // blocks (rows past `rows` are written as zeros).
+        unsafe { pack_terms_avx512(x, m, (r0, rows), k, k, dst) };
         dst[rows.div_ceil(16) * kb * 512..].fill(0);
     } else {
-        let p = pack_activations_reference(&x[r0 * k..(r0 + rows) * k], rows, k);
+        let split;
+        let terms = if parts == 1 {
+            &x[..m * k]
+        } else {
+            split = split_bf16x3(x, m, k);
+            &split[..]
+        };
+        let p = pack_activations_reference(&terms[r0 * k..(r0 + rows) * k], rows, k);
         dst[..p.data.len()].copy_from_slice(&p.data);
         dst[p.data.len()..].fill(0);
     }
@@ -338,20 +366,22 @@ unsafe fn split_term_lanes(v: __m512, p: usize) -> __m512i {
 /// packed size of `m` rows of `k`.
 #[target_feature(enable = "avx512f,avx512bw")]
 pub(crate) unsafe fn pack_avx512(x: &[f32], m: usize, k: usize, ld: usize, data: &mut [u16]) {
-    pack_terms_avx512(x, m, 1, k, ld, data)
+    pack_terms_avx512(x, m, (0, m), k, ld, data)
 }
 
-/// [`pack_avx512`] of `parts` terms per value: packed row `p·m + i` holds term `p` of row
-/// `i` as [`split_bf16x3`] defines them (term 0 is `x` rounded, what `parts` = 1 packs),
-/// computed in registers on the way into the blocks, so no split copy of `x` is made.
+/// [`pack_avx512`] of up to three terms per value, packed rows `r0..r0 + rows` of them:
+/// packed row `p·m + i` holds term `p` of row `i` as [`split_bf16x3`] defines
+/// them (term 0 is `x` rounded, what `parts` = 1 packs), computed in registers on the way
+/// into the blocks, so no split copy of `x` is made.
 ///
 /// # Safety
-/// As [`pack_avx512`], with `data` the packed size of `parts·m` rows of `k`; `parts` ≤ 3.
+/// As [`pack_avx512`], with `r0` a multiple of 16, `r0 + rows ≤ 3m` and `data` the packed
+/// size of `rows` rows of `k`.
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn pack_terms_avx512(
     x: &[f32],
     m: usize,
-    parts: usize,
+    (r0, rows): (usize, usize),
     k: usize,
     ld: usize,
     data: &mut [u16],
@@ -363,7 +393,7 @@ unsafe fn pack_terms_avx512(
         *v = (2 * j + 1) as u16;
     }
     let idx = _mm512_loadu_si512(idx.as_ptr() as *const _);
-    let total = m * parts;
+    let total = rows;
     for mb in 0..total.div_ceil(16) {
         let rows = (total - mb * 16).min(16);
         for q in 0..kb {
@@ -379,7 +409,7 @@ unsafe fn pack_terms_avx512(
             };
             let mut v = [_mm512_setzero_ps(); 16];
             for (i, vi) in v.iter_mut().enumerate().take(rows) {
-                let (part, row) = ((mb * 16 + i) / m, (mb * 16 + i) % m);
+                let (part, row) = ((r0 + mb * 16 + i) / m, (r0 + mb * 16 + i) % m);
                 let p = x.as_ptr().add(row * ld + k0);
                 let a = split_term_lanes(_mm512_maskz_loadu_ps(lo, p), part);
                 // Masked-off lanes are not read; wrapping_add keeps the address arithmetic
@@ -833,16 +863,8 @@ pub fn pack_activations_f32x3(x: &[f32], m: usize, k: usize) -> PackedActs {
         "pack_activations_f32x3: x holds {} < {m}×{k}",
         x.len()
     );
-    let mut p = if available() {
-        let mut p = PackedActs::storage(3 * m, k, None);
-        // SAFETY: AMX implies AVX-512 F/BW (probe); x holds m rows of k and p.data the
-        // packed size of 3m rows of k.
-        unsafe { pack_terms_avx512(x, m, 3, k, k, &mut p.data) };
-        p
-    } else {
-        pack_activations_reference(&split_bf16x3(x, m, k), 3 * m, k)
-    };
-    p.parts = 3;
+    let mut p = PackedActs::storage_f32x3(m, k, None);
+    pack_row_blocks_f32x3(x, m, k, 0, &mut p.data);
     p
 }
 

@@ -684,6 +684,17 @@ fn amx_activation_packer_matches_its_reference_bitwise() {
                 dvl_kernels::amx::pack_row_blocks(&x, m, k, mb0, dst);
             }
             assert_eq!(pieced.bits(), want.bits(), "m={m} k={k} pieces of {blocks}");
+            let big = 3 * m + 40;
+            let earlier = dvl_kernels::amx::pack_activations(&rand_vec(big * k, 5), big, k);
+            let mut pieced3 = dvl_kernels::amx::PackedActs::storage_f32x3(m, k, Some(earlier));
+            for (mb0, dst) in pieced3.row_block_pieces(blocks) {
+                dvl_kernels::amx::pack_row_blocks_f32x3(&x, m, k, mb0, dst);
+            }
+            assert_eq!(
+                pieced3.bits(),
+                want3.bits(),
+                "f32x3 m={m} k={k} pieces of {blocks}"
+            );
         }
         // Tiles are loaded from the packed blocks: a row straddling two cache lines makes
         // every tile load several times slower, so both packers start on a line.

@@ -23,8 +23,8 @@ const USAGE: &str = "usage:
 Defaults equal the reference evaluation (gen_length 128, 8 steps per block, greedy,
 low_confidence_static). --bf16 (or --amx) rounds matmul inputs to bf16, on AMX tiles
 (or AVX512_BF16 dot products without AMX): faster, hidden states move ~1e-3. The default
-f32 path stays within 1e-6 of the references (DVL_AMX_F32=0 keeps its denoising steps off
-AMX tiles, on the FMA kernels). --json prints one
+f32 path stays within 1e-6 of the references (DVL_AMX_F32=0 keeps its matmuls off AMX
+tiles, on the FMA kernels). --json prints one
 object (ids, text, prompt_rows, forward_passes, timings); --dump DIR writes the fixture
 probe tensors to DIR/dump.safetensors. --repeat N runs the request N times on the loaded
 model and reports each stage's median time (for timing without the model and tokenizer
