@@ -26,9 +26,9 @@ for shape in "${shapes[@]}"; do
     model="$SYNTH_DIR/$shape"
     [ -f "$model/config.json" ] || $DVL synth --shape "$shape" --out "$model" >&2
   fi
-  # Default f32 (FMA kernels for prefill/vision; steps on AMX tiles as three bf16 terms
-  # where AMX exists), bf16 matmul inputs (AMX), steps on the AVX-512 FMA kernels alone
-  # (DVL_AMX_F32=0), and the AVX2 path (steps only).
+  # Default f32 (on AMX tiles as three bf16 terms where AMX exists), bf16 matmul inputs
+  # (AMX), the AVX-512 FMA kernels alone (DVL_AMX_F32=0; steps only), and the AVX2 path
+  # (steps only).
   for run in "|" "|--bf16" "DVL_AMX_F32=0|--no-vision" "|--isa avx2 --no-vision"; do
     envs=${run%%|*} opts=${run#*|}
     # shellcheck disable=SC2086
