@@ -540,7 +540,10 @@ impl CpuBackend {
         let blocks = packed_rows.div_ceil(16).div_ceil(self.threads());
         let pieces = packed.row_block_pieces(blocks);
         #[cfg(feature = "std")]
-        if let (Some(pool), true) = (&self.pool, pieces.len() > 1) {
+        if let (Some(pool), true) = (
+            &self.pool,
+            pieces.len() > 1 && packed_rows * k >= PAR_MIN_ELEMS,
+        ) {
             use rayon::prelude::*;
             pool.install(|| pieces.into_par_iter().for_each(|(mb0, dst)| pack(mb0, dst)));
             return packed;

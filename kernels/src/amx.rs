@@ -369,19 +369,19 @@ pub(crate) unsafe fn pack_avx512(x: &[f32], m: usize, k: usize, ld: usize, data:
     pack_terms_avx512(x, m, (0, m), k, ld, data)
 }
 
-/// [`pack_avx512`] of up to three terms per value, packed rows `r0..r0 + rows` of them:
-/// packed row `p·m + i` holds term `p` of row `i` as [`split_bf16x3`] defines
-/// them (term 0 is `x` rounded, what `parts` = 1 packs), computed in registers on the way
-/// into the blocks, so no split copy of `x` is made.
+/// [`pack_avx512`] of up to three terms per value, packed rows `r0..r0 + count` of them:
+/// packed row `p·m + i` holds term `p` of row `i` as [`split_bf16x3`] defines them (term 0
+/// is `x` rounded: `count` ≤ m packs plain rows), computed in registers on the way into
+/// the blocks, so no split copy of `x` is made.
 ///
 /// # Safety
-/// As [`pack_avx512`], with `r0` a multiple of 16, `r0 + rows ≤ 3m` and `data` the packed
-/// size of `rows` rows of `k`.
+/// As [`pack_avx512`], with `r0` a multiple of 16, `r0 + count ≤ 3m` and `data` the packed
+/// size of `count` rows of `k`.
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn pack_terms_avx512(
     x: &[f32],
     m: usize,
-    (r0, rows): (usize, usize),
+    (r0, count): (usize, usize),
     k: usize,
     ld: usize,
     data: &mut [u16],
@@ -393,9 +393,8 @@ unsafe fn pack_terms_avx512(
         *v = (2 * j + 1) as u16;
     }
     let idx = _mm512_loadu_si512(idx.as_ptr() as *const _);
-    let total = rows;
-    for mb in 0..total.div_ceil(16) {
-        let rows = (total - mb * 16).min(16);
+    for mb in 0..count.div_ceil(16) {
+        let rows = (count - mb * 16).min(16);
         for q in 0..kb {
             let k0 = q * 32;
             let kn = (k - k0).min(32);
