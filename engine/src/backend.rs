@@ -164,8 +164,9 @@ pub struct CpuBackend {
     pool: Option<rayon::ThreadPool>,
     /// The last AMX matmul's packed activations, whose allocation the next one reuses when
     /// large enough (a fresh one per matmul is megabytes of pages to map and fault in during
-    /// a prefill). It keeps the largest packing since (3B, 1024-row prefill: the down
-    /// projection's 22 MB) until a larger one or a three-term step replaces it.
+    /// a prefill). Bf16 and three-term packings share it, so it keeps the largest
+    /// allocation since (3B, 1024-row prefill: the down projection's 22 MB; three terms
+    /// triple that) until a larger one replaces it.
     #[cfg(all(feature = "std", target_arch = "x86_64"))]
     pack_scratch: std::sync::Mutex<Option<dvl_kernels::amx::PackedActs>>,
 }
