@@ -20,6 +20,15 @@ use crate::weights::WData;
 /// Key range `[lo, hi)` visible to query row `i`.
 pub type KeyRange<'f> = &'f (dyn Fn(usize) -> (usize, usize) + Sync);
 
+/// One of several projections of the same input ([`Backend::matmul_many`]): `out[m, n] =
+/// x · Wᵀ + bias`, `W [n, k]` as stored.
+pub struct Projection<'a> {
+    pub w: WData<'a>,
+    pub n: usize,
+    pub bias: Option<&'a [f32]>,
+    pub out: &'a mut [f32],
+}
+
 pub trait Backend: Sync {
     /// `out[m, n] = x[m, k] · Wᵀ + bias`, `W [n, k]` as stored.
     #[allow(clippy::too_many_arguments)]
@@ -33,6 +42,33 @@ pub trait Backend: Sync {
         bias: Option<&[f32]>,
         out: &mut [f32],
     );
+
+    /// Several projections of the same `x [m, k]` (an attention layer's q, k and v): the
+    /// values of one [`Backend::matmul`] each. A backend may prepare `x` once for all of
+    /// them and split them as one piece of work.
+    fn matmul_many(&self, x: &[f32], m: usize, k: usize, projs: &mut [Projection<'_>]) {
+        for p in projs.iter_mut() {
+            self.matmul(x, m, k, p.w, p.n, p.bias, p.out);
+        }
+    }
+
+    /// SwiGLU (spec §7.1; the Qwen2.5-VL vision MLP, §5.1(f)):
+    /// `out[m, n] = silu(x · W_gateᵀ + b_gate) ⊙ (x · W_upᵀ + b_up)`, the values of two
+    /// [`Backend::matmul`]s and [`Backend::silu_mul`]. A backend may fuse them, so that the
+    /// up projection's output never leaves cache.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_swiglu(
+        &self,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        gate: (WData<'_>, Option<&[f32]>),
+        up: (WData<'_>, Option<&[f32]>),
+        n: usize,
+        out: &mut [f32],
+    ) {
+        swiglu_unfused(self, x, m, k, gate, up, n, out);
+    }
 
     /// Attention of `n_q` query rows over the rows of `k`/`v` (see [`dvl_kernels::attention`]).
     #[allow(clippy::too_many_arguments)]
@@ -130,6 +166,24 @@ pub trait Backend: Sync {
     fn gelu_tanh(&self, x: &mut [f32]) {
         dvl_kernels::elementwise::gelu_tanh(x);
     }
+}
+
+/// [`Backend::matmul_swiglu`] as its definition: two matmuls, then the SiLU product.
+#[allow(clippy::too_many_arguments)]
+fn swiglu_unfused<B: Backend + ?Sized>(
+    be: &B,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    gate: (WData<'_>, Option<&[f32]>),
+    up: (WData<'_>, Option<&[f32]>),
+    n: usize,
+    out: &mut [f32],
+) {
+    let mut u = vec![0f32; m * n];
+    be.matmul(x, m, k, gate.0, n, gate.1, out);
+    be.matmul(x, m, k, up.0, n, up.1, &mut u);
+    be.silu_mul(&mut out[..m * n], &u);
 }
 
 /// `work` on the backend's threads ([`Backend::run`]), returning its result.
@@ -457,56 +511,153 @@ impl SharedOut {
 
 #[cfg(target_arch = "x86_64")]
 impl CpuBackend {
-    /// AMX matmul: the activations are packed once, then each thread takes one range of
-    /// whole 32-row weight pairs, so the weights stream from memory once in all and every
-    /// output element goes through the same tile arithmetic whatever the thread count.
-    /// `kernel` (`Amx` or `AmxF32x3`) is the caller's choice for this matmul's shape.
-    #[allow(clippy::too_many_arguments)]
-    fn matmul_amx(
+    /// AMX matmuls of one input (one projection, or several: [`Backend::matmul_many`]): the
+    /// activations are packed once for all of them, then their weight rows, taken end to
+    /// end, are split into one range per thread (whole 32-row weight pairs), so the weights
+    /// stream from memory once in all and every output element goes through the same tile
+    /// arithmetic whatever the thread count. `kernel` (`Amx` or `AmxF32x3`) is the caller's
+    /// choice for this shape; every projection's weights are bf16.
+    fn matmul_many_amx(
         &self,
         kernel: Bf16Kernel,
         x: &[f32],
         m: usize,
         k: usize,
-        w: &[dvl_kernels::bf16],
-        n: usize,
-        bias: Option<&[f32]>,
-        out: &mut [f32],
+        projs: &mut [Projection<'_>],
     ) {
-        assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n);
+        assert!(
+            x.len() >= m * k,
+            "matmul: x holds fewer than {m} rows of {k}"
+        );
+        // (weights, rows, bias, output) per projection, checked before any thread starts.
+        type Job<'a> = (&'a [dvl_kernels::bf16], usize, Option<&'a [f32]>, SharedOut);
+        let jobs: Vec<Job<'_>> = projs
+            .iter_mut()
+            .map(|p| {
+                let WData::BF16(w) = p.w else {
+                    unreachable!("matmul_many_amx takes bf16 weights")
+                };
+                assert!(w.len() >= p.n * k && p.out.len() >= m * p.n);
+                assert!(p.bias.is_none_or(|b| b.len() >= p.n));
+                (w, p.n, p.bias, SharedOut(p.out.as_mut_ptr()))
+            })
+            .collect();
+        let total: usize = jobs.iter().map(|j| j.1).sum();
+        if m == 0 || total == 0 {
+            return;
+        }
         // f32 mode: three bf16 terms per activation, summed by the kernel.
         let packed = self.pack_rows(x, m, k, kernel == Bf16Kernel::AmxF32x3);
-        let dst = SharedOut(out.as_mut_ptr());
-        let piece = n.div_ceil(self.threads()).next_multiple_of(32);
-        let run = |p: usize| {
-            let (n0, n1) = (p * piece, ((p + 1) * piece).min(n));
-            // SAFETY: AMX was granted (with_amx); w holds rows n0..n1, out holds m rows of
-            // n and this call alone writes its columns n0..n1.
-            unsafe {
-                dvl_kernels::amx::matmul_amx_bf16_packed(
-                    &packed,
-                    &w[n0 * k..n1 * k],
-                    n1 - n0,
-                    bias.map(|b| &b[n0..n1]),
-                    dst.get().add(n0),
-                    n,
-                )
+        let piece = total.div_ceil(self.threads()).next_multiple_of(32);
+        self.for_pieces(total.div_ceil(piece), |p| {
+            // This thread's weight rows g0..g1 of all projections end to end.
+            let (g0, g1) = (p * piece, ((p + 1) * piece).min(total));
+            let mut start = 0;
+            for &(w, n, bias, out) in &jobs {
+                let (n0, n1) = (
+                    g0.saturating_sub(start).min(n),
+                    g1.saturating_sub(start).min(n),
+                );
+                start += n;
+                if n0 < n1 {
+                    // SAFETY: AMX was granted (the kernel was chosen after amx::available());
+                    // w holds rows n0..n1, out holds m rows of n and this call alone writes
+                    // its columns n0..n1.
+                    unsafe {
+                        dvl_kernels::amx::matmul_amx_bf16_packed(
+                            &packed,
+                            &w[n0 * k..n1 * k],
+                            n1 - n0,
+                            bias.map(|b| &b[n0..n1]),
+                            out.get().add(n0),
+                            n,
+                        )
+                    }
+                }
             }
-        };
-        let pieces = n.div_ceil(piece);
-        #[cfg(feature = "std")]
-        if let Some(pool) = &self.pool {
-            use rayon::prelude::*;
-            pool.install(|| (0..pieces).into_par_iter().for_each(run));
-        } else {
-            (0..pieces).for_each(run);
+        });
+        self.keep_packing(packed);
+    }
+
+    /// [`Backend::matmul_swiglu`] on AMX tiles: the activations packed once for both
+    /// projections; each thread takes one range of output columns and runs it in pieces
+    /// whose gate and up outputs (at most 1 MiB together) are still in L2 when the SiLU
+    /// product reads them. The up outputs go to a per-thread buffer, never to memory.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_swiglu_amx(
+        &self,
+        kernel: Bf16Kernel,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        gate: (&[dvl_kernels::bf16], Option<&[f32]>),
+        up: (&[dvl_kernels::bf16], Option<&[f32]>),
+        n: usize,
+        out: &mut [f32],
+    ) {
+        assert!(
+            x.len() >= m * k,
+            "matmul: x holds fewer than {m} rows of {k}"
+        );
+        for (w, b) in [gate, up] {
+            assert!(w.len() >= n * k && b.is_none_or(|b| b.len() >= n));
         }
-        #[cfg(not(feature = "std"))]
-        (0..pieces).for_each(run);
+        assert!(out.len() >= m * n);
+        if m == 0 || n == 0 {
+            return;
+        }
+        let packed = self.pack_rows(x, m, k, kernel == Bf16Kernel::AmxF32x3);
+        let (dst, isa) = (SharedOut(out.as_mut_ptr()), self.isa);
+        let piece = n.div_ceil(self.threads()).next_multiple_of(32);
+        let sub = ((1usize << 20) / (8 * m)).max(32) / 32 * 32;
+        self.for_pieces(n.div_ceil(piece), |p| {
+            let (n0, n1) = (p * piece, ((p + 1) * piece).min(n));
+            let mut u = vec![0f32; m * sub.min(n1 - n0)];
+            let mut a = n0;
+            while a < n1 {
+                let b = (a + sub).min(n1);
+                let wd = b - a;
+                // SAFETY: AMX was granted (as in matmul_many_amx); both weights hold rows
+                // a..b, out holds m rows of n of which this call alone writes columns a..b,
+                // and u holds m rows of wd.
+                unsafe {
+                    dvl_kernels::amx::matmul_amx_bf16_packed(
+                        &packed,
+                        &gate.0[a * k..b * k],
+                        wd,
+                        gate.1.map(|v| &v[a..b]),
+                        dst.get().add(a),
+                        n,
+                    );
+                    dvl_kernels::amx::matmul_amx_bf16_packed(
+                        &packed,
+                        &up.0[a * k..b * k],
+                        wd,
+                        up.1.map(|v| &v[a..b]),
+                        u.as_mut_ptr(),
+                        wd,
+                    );
+                }
+                for i in 0..m {
+                    // SAFETY: columns a..b of row i are this call's alone (see above).
+                    let g =
+                        unsafe { core::slice::from_raw_parts_mut(dst.get().add(i * n + a), wd) };
+                    dvl_kernels::elementwise::silu_mul_isa(isa, g, &u[i * wd..(i + 1) * wd]);
+                }
+                a = b;
+            }
+        });
+        self.keep_packing(packed);
+    }
+
+    /// Keep a packing's allocation for the next matmul (see `pack_scratch`).
+    fn keep_packing(&self, packed: dvl_kernels::amx::PackedActs) {
         #[cfg(feature = "std")]
         if let Ok(mut scratch) = self.pack_scratch.lock() {
             *scratch = Some(packed);
         }
+        #[cfg(not(feature = "std"))]
+        drop(packed);
     }
 
     /// Activations packed for the tiles (as three bf16 terms each when `f32x3`), in
@@ -557,6 +708,19 @@ impl CpuBackend {
 }
 
 impl CpuBackend {
+    /// `run(p)` for every piece `p < pieces`, on the pool when there is one and more than one
+    /// piece.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn for_pieces(&self, pieces: usize, run: impl Fn(usize) + Sync + Send) {
+        #[cfg(feature = "std")]
+        if let (Some(pool), true) = (&self.pool, pieces > 1) {
+            use rayon::prelude::*;
+            pool.install(|| (0..pieces).into_par_iter().for_each(run));
+            return;
+        }
+        (0..pieces).for_each(run);
+    }
+
     /// `f(first_row, n_rows, piece)` over pieces of `out` holding whole rows (`row` elements
     /// apart; the last piece is whatever remains of `out`), `align` rows or a multiple of
     /// it per piece: on the pool when `rows · row` reaches [`PAR_MIN_ELEMS`], else once on
@@ -623,8 +787,8 @@ impl Backend for CpuBackend {
         // Decided on the whole matmul's row count, never per thread split.
         let bf16 = self.kernel_for(m, k);
         #[cfg(target_arch = "x86_64")]
-        if let (Bf16Kernel::Amx | Bf16Kernel::AmxF32x3, WData::BF16(ws)) = (bf16, w) {
-            self.matmul_amx(bf16, x, m, k, ws, n, bias, out);
+        if let (Bf16Kernel::Amx | Bf16Kernel::AmxF32x3, WData::BF16(_)) = (bf16, w) {
+            self.matmul_many_amx(bf16, x, m, k, &mut [Projection { w, n, bias, out }]);
             return;
         }
         #[cfg(feature = "std")]
@@ -673,6 +837,48 @@ impl Backend for CpuBackend {
             }
         }
         matmul_any(self.isa, bf16, x, m, k, w, 0, n, bias, out, n);
+    }
+
+    fn matmul_many(&self, x: &[f32], m: usize, k: usize, projs: &mut [Projection<'_>]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let kernel = self.kernel_for(m, k);
+            if matches!(kernel, Bf16Kernel::Amx | Bf16Kernel::AmxF32x3)
+                && projs.iter().all(|p| matches!(p.w, WData::BF16(_)))
+            {
+                self.matmul_many_amx(kernel, x, m, k, projs);
+                return;
+            }
+        }
+        for p in projs.iter_mut() {
+            self.matmul(x, m, k, p.w, p.n, p.bias, p.out);
+        }
+    }
+
+    fn matmul_swiglu(
+        &self,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        gate: (WData<'_>, Option<&[f32]>),
+        up: (WData<'_>, Option<&[f32]>),
+        n: usize,
+        out: &mut [f32],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let kernel = self.kernel_for(m, k);
+            if let (
+                Bf16Kernel::Amx | Bf16Kernel::AmxF32x3,
+                (WData::BF16(wg), bg),
+                (WData::BF16(wu), bu),
+            ) = (kernel, gate, up)
+            {
+                self.matmul_swiglu_amx(kernel, x, m, k, (wg, bg), (wu, bu), n, out);
+                return;
+            }
+        }
+        swiglu_unfused(self, x, m, k, gate, up, n, out);
     }
 
     fn rms_norm(&self, x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -1017,6 +1223,121 @@ mod tests {
 
     fn bits(v: &[f32]) -> Vec<u32> {
         v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// `matmul_many` and `matmul_swiglu` give what their definitions give (one `matmul` per
+    /// projection; two and `silu_mul`) bit for bit, for every kernel set this CPU has
+    /// (f32 FMAs, f32 as three terms on tiles, bf16 inputs) and thread count, on shapes
+    /// that are not multiples of a tile: 1 to 300 rows, 30- to 1000-wide outputs, so
+    /// thread ranges end inside a projection and a SwiGLU range takes several pieces.
+    #[test]
+    fn fused_projections_equal_their_definitions() {
+        let weights = |rows: usize, k: usize, seed: u64| -> Vec<dvl_kernels::bf16> {
+            rand_vec(rows * k, seed)
+                .iter()
+                .map(|&v| dvl_kernels::bf16::from_f32(v * 0.1))
+                .collect()
+        };
+        let tiles = CpuBackend::single_threaded().with_f32_amx_min_work(0);
+        let kernel_sets = [
+            tiles.amx().then_some((true, false)),
+            Some((false, false)),
+            CpuBackend::single_threaded()
+                .with_bf16(true)
+                .bf16()
+                .then_some((true, true)),
+        ];
+        for (f32_tiles, bf16) in kernel_sets.into_iter().flatten() {
+            let with = |threads| {
+                CpuBackend::with_threads(threads)
+                    .unwrap()
+                    .with_f32_amx_min_work(0)
+                    .with_f32_on_amx(f32_tiles)
+                    .with_bf16(bf16)
+            };
+            let one = with(1);
+            for threads in [1, 2, 3] {
+                let be = with(threads);
+                for (m, k, n, kv) in [
+                    (1, 64, 96, 32),
+                    (8, 200, 130, 30),
+                    (33, 96, 64, 16),
+                    (300, 136, 100, 40),
+                    (300, 40, 1000, 30),
+                ] {
+                    let what = format!("{}, {threads} threads, {m}×{k}×{n}", be.describe());
+                    let x = rand_vec(m * k, 1);
+                    let (wq, wk, wv, wu) = (
+                        weights(n, k, 2),
+                        weights(kv, k, 3),
+                        weights(kv, k, 4),
+                        weights(n, k, 5),
+                    );
+                    let (bq, bk, bu) = (rand_vec(n, 6), rand_vec(kv, 7), rand_vec(n, 8));
+                    // q and k with biases, v without: one matmul each, then all at once.
+                    let mut want = [vec![0f32; m * n], vec![0f32; m * kv], vec![0f32; m * kv]];
+                    be.matmul(&x, m, k, WData::BF16(&wq), n, Some(&bq), &mut want[0]);
+                    be.matmul(&x, m, k, WData::BF16(&wk), kv, Some(&bk), &mut want[1]);
+                    be.matmul(&x, m, k, WData::BF16(&wv), kv, None, &mut want[2]);
+                    let mut got = [vec![1f32; m * n], vec![1f32; m * kv], vec![1f32; m * kv]];
+                    let [q, kk, v] = &mut got;
+                    be.matmul_many(
+                        &x,
+                        m,
+                        k,
+                        &mut [
+                            Projection {
+                                w: WData::BF16(&wq),
+                                n,
+                                bias: Some(&bq),
+                                out: q,
+                            },
+                            Projection {
+                                w: WData::BF16(&wk),
+                                n: kv,
+                                bias: Some(&bk),
+                                out: kk,
+                            },
+                            Projection {
+                                w: WData::BF16(&wv),
+                                n: kv,
+                                bias: None,
+                                out: v,
+                            },
+                        ],
+                    );
+                    for (name, (g, w)) in ["q", "k", "v"].iter().zip(got.iter().zip(&want)) {
+                        assert_eq!(bits(g), bits(w), "matmul_many {name}: {what}");
+                    }
+                    for bias in [false, true] {
+                        let (bg, bu) = if bias {
+                            (Some(&bq[..]), Some(&bu[..]))
+                        } else {
+                            (None, None)
+                        };
+                        let (gate, up) = ((WData::BF16(&wq), bg), (WData::BF16(&wu), bu));
+                        let (mut g, mut u) = (vec![0f32; m * n], vec![0f32; m * n]);
+                        be.matmul(&x, m, k, gate.0, n, gate.1, &mut g);
+                        be.matmul(&x, m, k, up.0, n, up.1, &mut u);
+                        be.silu_mul(&mut g, &u);
+                        let mut fused = vec![1f32; m * n];
+                        be.matmul_swiglu(&x, m, k, gate, up, n, &mut fused);
+                        assert_eq!(
+                            bits(&fused),
+                            bits(&g),
+                            "matmul_swiglu (bias {bias}): {what}"
+                        );
+                        let mut single = vec![1f32; m * n];
+                        one.matmul_swiglu(&x, m, k, gate, up, n, &mut single);
+                        assert_eq!(
+                            bits(&fused),
+                            bits(&single),
+                            "matmul_swiglu, 1 thread: {what}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// Pooled, vectorised element-wise ops give the scalar single-thread results bit for

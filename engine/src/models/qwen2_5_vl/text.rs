@@ -6,10 +6,10 @@ use alloc::vec::Vec;
 
 use dvl_kernels::attention::AttnShape;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Projection};
 use crate::config::TextConfig;
 use crate::error::{Error, Result};
-use crate::weights::{TensorInfo, WeightStore};
+use crate::weights::{TensorInfo, WData, WeightStore};
 
 /// A linear layer: weight viewed in the checkpoint, bias widened to f32 at load.
 #[derive(Clone, Debug)]
@@ -37,6 +37,26 @@ impl Linear {
             None
         };
         Ok(Linear { w, b, n_out, n_in })
+    }
+
+    /// This layer as one of several projections of the same input (`matmul_many`),
+    /// writing `out`.
+    pub fn projection<'a>(
+        &'a self,
+        store: &'a WeightStore<'_>,
+        out: &'a mut [f32],
+    ) -> Projection<'a> {
+        Projection {
+            w: store.data(&self.w),
+            n: self.n_out,
+            bias: self.b.as_deref(),
+            out,
+        }
+    }
+
+    /// Weights and bias, as `matmul_swiglu` takes them.
+    pub fn operands<'a>(&'a self, store: &'a WeightStore<'_>) -> (WData<'a>, Option<&'a [f32]>) {
+        (store.data(&self.w), self.b.as_deref())
     }
 
     /// `out[m, n_out] = x[m, n_in] · Wᵀ + b`.
@@ -272,7 +292,6 @@ impl TextModel {
         let mut att = vec![0f32; t * qd];
         let mut proj = vec![0f32; t * h];
         let mut gate = vec![0f32; t * c.intermediate_size];
-        let mut up = vec![0f32; t * c.intermediate_size];
         let n_keys = pos0 + t;
         let keys = |i: usize| block_causal_keys(pos0 + i, n_keys, block);
         let shape = AttnShape {
@@ -287,9 +306,16 @@ impl TextModel {
             // Attention (§7.1): RMSNorm, q/k/v projections, RoPE on q and k (§7.2), K/V
             // appended to the cache, block-causal attention (§7.3), output projection.
             be.rms_norm(x, &layer.input_norm, c.rms_norm_eps, &mut a);
-            layer.q.forward(be, store, &a, t, &mut q);
-            layer.k.forward(be, store, &a, t, &mut kbuf);
-            layer.v.forward(be, store, &a, t, &mut vbuf);
+            be.matmul_many(
+                &a,
+                t,
+                h,
+                &mut [
+                    layer.q.projection(store, &mut q),
+                    layer.k.projection(store, &mut kbuf),
+                    layer.v.projection(store, &mut vbuf),
+                ],
+            );
             be.rope(&mut q, t, c.num_heads, hd, qd, &cos, &sin);
             be.rope(&mut kbuf, t, c.num_kv_heads, hd, kvd, &cos, &sin);
             cache.k[l][pos0 * kvd..(pos0 + t) * kvd].copy_from_slice(&kbuf);
@@ -308,9 +334,15 @@ impl TextModel {
             be.add_inplace(x, &proj);
             // SwiGLU MLP (§7.1): down(silu(gate(a)) ⊙ up(a)), residual.
             be.rms_norm(x, &layer.post_norm, c.rms_norm_eps, &mut a);
-            layer.gate.forward(be, store, &a, t, &mut gate);
-            layer.up.forward(be, store, &a, t, &mut up);
-            be.silu_mul(&mut gate, &up);
+            be.matmul_swiglu(
+                &a,
+                t,
+                h,
+                layer.gate.operands(store),
+                layer.up.operands(store),
+                c.intermediate_size,
+                &mut gate,
+            );
             layer.down.forward(be, store, &gate, t, &mut proj);
             be.add_inplace(x, &proj);
         }

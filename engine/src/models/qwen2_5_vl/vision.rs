@@ -279,7 +279,6 @@ impl VisionModel {
         let mut att = vec![0f32; s * c];
         let mut proj = vec![0f32; s * c];
         let mut gate = vec![0f32; s * cfg.intermediate_size];
-        let mut up = vec![0f32; s * cfg.intermediate_size];
         let shape = AttnShape {
             n_heads: nh,
             n_kv_heads: nh,
@@ -309,9 +308,15 @@ impl VisionModel {
             blk.proj.forward(be, store, &att, s, &mut proj);
             be.add_inplace(&mut x, &proj);
             be.rms_norm(&x, &blk.norm2, EPS, &mut a);
-            blk.gate.forward(be, store, &a, s, &mut gate);
-            blk.up.forward(be, store, &a, s, &mut up);
-            be.silu_mul(&mut gate, &up);
+            be.matmul_swiglu(
+                &a,
+                s,
+                c,
+                blk.gate.operands(store),
+                blk.up.operands(store),
+                cfg.intermediate_size,
+                &mut gate,
+            );
             blk.down.forward(be, store, &gate, s, &mut proj);
             be.add_inplace(&mut x, &proj);
         }

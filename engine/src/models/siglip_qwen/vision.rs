@@ -204,9 +204,16 @@ impl SiglipTower {
         };
         for layer in &self.layers {
             be.layer_norm(&x, &layer.ln1_w, &layer.ln1_b, eps, &mut a);
-            layer.q.forward(be, store, &a, rows, &mut q);
-            layer.k.forward(be, store, &a, rows, &mut k);
-            layer.v.forward(be, store, &a, rows, &mut v);
+            be.matmul_many(
+                &a,
+                rows,
+                c,
+                &mut [
+                    layer.q.projection(store, &mut q),
+                    layer.k.projection(store, &mut k),
+                    layer.v.projection(store, &mut v),
+                ],
+            );
             be.attention(&q, rows, &k, &v, &mut att, shape, scale, &keys);
             layer.o.forward(be, store, &att, rows, &mut proj);
             be.add_inplace(&mut x, &proj);
