@@ -1,12 +1,12 @@
 //! Per-kernel throughput (`cargo bench -p dvl-kernels`): GB/s of weights streamed for the
 //! skinny matmuls of a denoising step, GFLOP/s for the large-M matmuls of prefill and
-//! vision, the unmasking pass over a full vocabulary row (and, on AMX, fused into the
-//! projection of one vocabulary slice), and attention (FLOP/s over the
-//! visible keys). Single thread, every ISA the CPU has.
+//! vision (and the packed AVX2 GEMM they take there), the unmasking pass over a full
+//! vocabulary row (and, on AMX, fused into the projection of one vocabulary slice), and
+//! attention (FLOP/s over the visible keys). Single thread, every ISA the CPU has.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use dvl_kernels::bf16;
-use dvl_kernels::matmul::{matmul, Isa};
+use dvl_kernels::matmul::{matmul, matmul_many_rows, Isa};
 
 fn data(n: usize) -> Vec<f32> {
     (0..n)
@@ -94,6 +94,12 @@ fn large(c: &mut Criterion) {
                 &isa,
                 |b, &isa| b.iter(|| matmul(isa, &x, m, k, &w, n, None, &mut out, n)),
             );
+        }
+        if dvl_kernels::cpu::supported_isas().contains(&Isa::Avx2) {
+            // The packed GEMM that prefill and vision take on AVX2 (matmul_many_rows).
+            g.bench_function(BenchmarkId::new("avx2_gemm", format!("{m}x{k}x{n}")), |b| {
+                b.iter(|| matmul_many_rows(Isa::Avx2, &x, m, k, &w, n, None, &mut out, n))
+            });
         }
         #[cfg(target_arch = "x86_64")]
         if dvl_kernels::amx::available() {

@@ -491,6 +491,54 @@ fn matmul_any(
     }
 }
 
+/// Columns `n0..n1` of `x · Wᵀ` into `out` (rows `n1 − n0` apart), from `paired` rows where
+/// the caller prepared them ([`CpuBackend::paired_rows`]), else as [`matmul_any`].
+#[allow(clippy::too_many_arguments)]
+fn matmul_prepared(
+    paired: Option<&dvl_kernels::matmul::PairedRows>,
+    (isa, bf16): (Isa, Bf16Kernel),
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: WData<'_>,
+    (n0, n1): (usize, usize),
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    match (paired, w) {
+        (Some(p), WData::BF16(s)) => dvl_kernels::matmul::matmul_bf16_paired(
+            p,
+            &s[n0 * k..n1 * k],
+            n1 - n0,
+            bias.map(|b| &b[n0..n1]),
+            out,
+            n1 - n0,
+        ),
+        _ => matmul_any(isa, bf16, x, m, k, w, n0, n1, bias, out, n1 - n0),
+    }
+}
+
+impl CpuBackend {
+    /// The rows of `x` prepared once for the f32-activation bf16 kernels, where a matmul's
+    /// pieces would each prepare them ([`dvl_kernels::matmul::PairedRows`]); `None` for
+    /// other kernels and weight types.
+    fn paired_rows(
+        &self,
+        bf16: Bf16Kernel,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        w: WData<'_>,
+    ) -> Option<dvl_kernels::matmul::PairedRows> {
+        match (bf16, w) {
+            (Bf16Kernel::F32, WData::BF16(_)) => {
+                dvl_kernels::matmul::PairedRows::new(self.isa, x, m, k)
+            }
+            _ => None,
+        }
+    }
+}
+
 /// An output pointer shared by threads that write disjoint columns.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
@@ -766,6 +814,72 @@ impl CpuBackend {
     }
 }
 
+/// Outputs per piece of a [`CpuBackend::matmul_many_rows`] split: whole 16-output panels,
+/// at least 64 (each piece reads all the activations), about four pieces per thread.
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+fn many_rows_piece(n: usize, threads: usize) -> usize {
+    n.div_ceil(threads * 4).max(64).next_multiple_of(16)
+}
+
+impl CpuBackend {
+    /// Whether a matmul of `m` rows with kernel `bf16` takes the packed many-row GEMM
+    /// ([`dvl_kernels::matmul::matmul_many_rows`]): f32 activations on AVX2, at least
+    /// [`dvl_kernels::matmul::MANY_ROWS`] rows. Decided on the whole call, so a row's
+    /// arithmetic never depends on the thread split.
+    fn many_rows_gemm(&self, bf16: Bf16Kernel, m: usize) -> bool {
+        cfg!(target_arch = "x86_64")
+            && bf16 == Bf16Kernel::F32
+            && self.isa == Isa::Avx2
+            && m >= dvl_kernels::matmul::MANY_ROWS
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl CpuBackend {
+    /// Many rows on the packed AVX2 GEMM, the outputs split into whole-panel column ranges,
+    /// one per pool task: each range's weights are widened and packed once, by one thread.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_many_rows(
+        &self,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        w: WData<'_>,
+        n: usize,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
+        use dvl_kernels::x86::gemm_avx2;
+        assert!(self.isa == Isa::Avx2, "matmul_many_rows: AVX2 only");
+        assert!(out.len() >= m * n, "matmul: output too short");
+        assert!(bias.is_none_or(|b| b.len() >= n), "matmul: bias too short");
+        let shared = SharedOut(out.as_mut_ptr());
+        // SAFETY (all three arms): the ISA is AVX2 (asserted above; it comes from
+        // cpu::detect_isa); the kernel asserts its operands and writes only columns n0..n1
+        // of rows 0..m, inside `out` (asserted above), which no other piece writes.
+        let columns = |n0: usize, n1: usize| unsafe {
+            let (b, o) = (bias.map(|b| &b[n0..n1]), shared.get().add(n0));
+            match w {
+                WData::BF16(s) => gemm_avx2(x, m, k, &s[n0 * k..n1 * k], n1 - n0, b, o, n),
+                WData::F16(s) => gemm_avx2(x, m, k, &s[n0 * k..n1 * k], n1 - n0, b, o, n),
+                WData::F32(s) => gemm_avx2(x, m, k, &s[n0 * k..n1 * k], n1 - n0, b, o, n),
+            }
+        };
+        #[cfg(feature = "std")]
+        if let Some(pool) = &self.pool {
+            let per = many_rows_piece(n, pool.current_num_threads());
+            if m * n * k >= PAR_MIN_MACS && n > per {
+                // for_pieces joins before `out`'s borrow ends.
+                self.for_pieces(n.div_ceil(per), |p| {
+                    columns(p * per, ((p + 1) * per).min(n))
+                });
+                return;
+            }
+        }
+        columns(0, n);
+    }
+}
+
 /// `portable`, `avx2` or `avx512`.
 pub fn parse_isa(name: &str) -> Option<Isa> {
     match name {
@@ -794,6 +908,11 @@ impl Backend for CpuBackend {
             self.matmul_many_amx(bf16, x, m, k, &mut [Projection { w, n, bias, out }]);
             return;
         }
+        #[cfg(target_arch = "x86_64")]
+        if self.many_rows_gemm(bf16, m) {
+            self.matmul_many_rows(x, m, k, w, n, bias, out);
+            return;
+        }
         #[cfg(feature = "std")]
         if let Some(pool) = &self.pool {
             use rayon::prelude::*;
@@ -816,15 +935,27 @@ impl Backend for CpuBackend {
             }
             if m * n * k >= PAR_MIN_MACS && n >= 64 {
                 // Few rows (denoising step): split weight rows so each thread streams its
-                // share of the weights once.
+                // share of the weights once. The rows are prepared for the kernel once, not
+                // per piece (an 8 × 4864 down projection spent ~15% of its time on that).
                 let chunk = n.div_ceil(threads * 4).next_multiple_of(4);
+                let paired = self.paired_rows(bf16, x, m, k, w);
                 let pieces: Vec<(usize, Vec<f32>)> = pool.install(|| {
                     (0..n.div_ceil(chunk))
                         .into_par_iter()
                         .map(|p| {
                             let (n0, n1) = (p * chunk, ((p + 1) * chunk).min(n));
                             let mut buf = vec![0f32; m * (n1 - n0)];
-                            matmul_any(isa, bf16, x, m, k, w, n0, n1, bias, &mut buf, n1 - n0);
+                            matmul_prepared(
+                                paired.as_ref(),
+                                (isa, bf16),
+                                x,
+                                m,
+                                k,
+                                w,
+                                (n0, n1),
+                                bias,
+                                &mut buf,
+                            );
                             (n0, buf)
                         })
                         .collect()
@@ -1007,6 +1138,8 @@ impl Backend for CpuBackend {
         let fused = packed
             .as_ref()
             .and_then(dvl_kernels::amx::unmask::UnmaskActs::new);
+        // The FMA kernels' rows, prepared once for all slices.
+        let paired = self.paired_rows(bf16, hn, rows, k, w);
         // `z`: a thread's logits buffer, reused for each of its slices.
         let slice = |z: &mut Vec<f32>, c: usize| -> Vec<ArgmaxPartial> {
             let (n0, n1) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
@@ -1046,10 +1179,30 @@ impl Backend for CpuBackend {
                     )
                 };
             } else {
-                matmul_any(isa, bf16, hn, rows, k, w, n0, n1, None, z, n1 - n0);
+                matmul_prepared(
+                    paired.as_ref(),
+                    (isa, bf16),
+                    hn,
+                    rows,
+                    k,
+                    w,
+                    (n0, n1),
+                    None,
+                    z,
+                );
             }
             #[cfg(not(target_arch = "x86_64"))]
-            matmul_any(isa, bf16, hn, rows, k, w, n0, n1, None, z, n1 - n0);
+            matmul_prepared(
+                paired.as_ref(),
+                (isa, bf16),
+                hn,
+                rows,
+                k,
+                w,
+                (n0, n1),
+                None,
+                z,
+            );
             z.chunks_exact(n1 - n0)
                 .map(|zr| ArgmaxPartial::of_isa(isa, zr, n0, never))
                 .collect()
@@ -1337,6 +1490,65 @@ mod tests {
                             bits(&single),
                             "matmul_swiglu, 1 thread: {what}"
                         );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn many_row_matmuls_do_not_depend_on_the_thread_count() {
+        // At MANY_ROWS rows and more the f32 kernels take the packed GEMM on AVX2, split
+        // into column ranges across the pool: every weight type, bias or not, the same bits
+        // for 1–3 threads, and the reference's values to f32 rounding.
+        let (m, k, n) = (dvl_kernels::matmul::MANY_ROWS + 5, 130, 700);
+        let x = rand_vec(m * k, 11);
+        let w32: Vec<f32> = rand_vec(n * k, 12);
+        let w16: Vec<dvl_kernels::bf16> = w32
+            .iter()
+            .map(|&v| dvl_kernels::bf16::from_f32(v))
+            .collect();
+        let wh: Vec<dvl_kernels::f16> =
+            w32.iter().map(|&v| dvl_kernels::f16::from_f32(v)).collect();
+        let bias = rand_vec(n, 13);
+        for isa in dvl_kernels::cpu::supported_isas() {
+            for (name, w) in [
+                ("bf16", WData::BF16(&w16)),
+                ("f16", WData::F16(&wh)),
+                ("f32", WData::F32(&w32)),
+            ] {
+                for b in [None, Some(&bias[..])] {
+                    let mut want = vec![0f32; m * n];
+                    match w {
+                        WData::BF16(s) => {
+                            dvl_kernels::reference::matmul(&x, m, k, s, n, b, &mut want)
+                        }
+                        WData::F16(s) => {
+                            dvl_kernels::reference::matmul(&x, m, k, s, n, b, &mut want)
+                        }
+                        WData::F32(s) => {
+                            dvl_kernels::reference::matmul(&x, m, k, s, n, b, &mut want)
+                        }
+                    }
+                    let mut first: Option<Vec<f32>> = None;
+                    for threads in [1, 2, 3] {
+                        let be = CpuBackend::with_threads(threads)
+                            .unwrap()
+                            .with_isa(*isa)
+                            .with_f32_on_amx(false);
+                        let mut got = vec![f32::NAN; m * n];
+                        be.matmul(&x, m, k, w, n, b, &mut got);
+                        let what = format!("{isa:?} {name} bias {} {threads} threads", b.is_some());
+                        for (g, r) in got.iter().zip(&want) {
+                            assert!(
+                                (g - r).abs() <= 1e-4 * (1.0 + r.abs()),
+                                "{what}: {g} vs {r}"
+                            );
+                        }
+                        match &first {
+                            None => first = Some(got),
+                            Some(f) => assert_eq!(bits(&got), bits(f), "{what}"),
+                        }
                     }
                 }
             }

@@ -133,6 +133,31 @@ fn matmul_body<W: WeightElem>(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
+fn check_shapes<W>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[W],
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &[f32],
+    ldo: usize,
+) {
+    assert!(
+        x.len() >= m * k && w.len() >= n * k,
+        "matmul: operand too short"
+    );
+    assert!(
+        m == 0 || out.len() >= (m - 1) * ldo + n,
+        "matmul: output too short"
+    );
+    assert!(ldo >= n, "matmul: ldo < n");
+    if let Some(b) = bias {
+        assert!(b.len() >= n, "matmul: bias too short");
+    }
+}
+
 /// `out[i·ldo + j] = Σ_k x[i·k + kk] · w[j·k + kk] + bias[j]` for `i < m`, `j < n`.
 ///
 /// Panics if a slice is shorter than the shape requires (callers validate shapes at load).
@@ -148,18 +173,7 @@ pub fn matmul<W: WeightElem>(
     out: &mut [f32],
     ldo: usize,
 ) {
-    assert!(
-        x.len() >= m * k && w.len() >= n * k,
-        "matmul: operand too short"
-    );
-    assert!(
-        m == 0 || out.len() >= (m - 1) * ldo + n,
-        "matmul: output too short"
-    );
-    assert!(ldo >= n, "matmul: ldo < n");
-    if let Some(b) = bias {
-        assert!(b.len() >= n, "matmul: bias too short");
-    }
+    check_shapes(x, m, k, w, n, bias, out, ldo);
     match isa {
         // SAFETY (both arms): these Isa values come from cpu::detect_isa, which checked the
         // CPU features and the OS register-state support; shapes were checked above.
@@ -169,6 +183,109 @@ pub fn matmul<W: WeightElem>(
         Isa::Avx2 => unsafe { crate::x86::matmul_avx2(x, m, k, w, n, bias, out, ldo) },
         _ => matmul_body(x, m, k, w, n, bias, out, ldo),
     }
+}
+
+/// A matmul's activations prepared once for the bf16-weight FMA kernels, to be shared by
+/// the pieces of a split (each piece would otherwise prepare them again): the rows split into
+/// the even/odd halves of each pair block, as the AVX-512 (32-wide blocks) and AVX2
+/// (16-wide) kernels read them next to bf16 weight pairs.
+pub struct PairedRows {
+    isa: Isa,
+    xd: alloc::vec::Vec<f32>,
+    m: usize,
+    k: usize,
+}
+
+impl PairedRows {
+    /// `m` rows of `k` from `x`; `None` where the ISA's kernel reads rows as they are
+    /// (portable code).
+    pub fn new(isa: Isa, x: &[f32], m: usize, k: usize) -> Option<Self> {
+        assert!(x.len() >= m * k, "PairedRows: x too short");
+        #[cfg(target_arch = "x86_64")]
+        let xd = match isa {
+            Isa::Avx512 => crate::x86::deinterleave_pairs(32, x, m, k),
+            Isa::Avx2 => crate::x86::deinterleave_pairs(16, x, m, k),
+            Isa::Portable => return None,
+        };
+        #[cfg(target_arch = "x86_64")]
+        return Some(PairedRows { isa, xd, m, k });
+        #[cfg(not(target_arch = "x86_64"))]
+        None
+    }
+
+    pub fn rows(&self) -> usize {
+        self.m
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+}
+
+/// [`matmul`] of prepared rows against bf16 weights: the same results, bit for bit, without
+/// preparing the rows again.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_bf16_paired(
+    rows: &PairedRows,
+    w: &[crate::bf16],
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    let (m, k) = (rows.m, rows.k);
+    assert!(w.len() >= n * k, "matmul: operand too short");
+    assert!(
+        m == 0 || out.len() >= (m - 1) * ldo + n,
+        "matmul: output too short"
+    );
+    assert!(ldo >= n, "matmul: ldo < n");
+    if let Some(b) = bias {
+        assert!(b.len() >= n, "matmul: bias too short");
+    }
+    let (xp, wp, op) = (rows.xd.as_ptr(), w.as_ptr() as *const u16, out.as_mut_ptr());
+    match rows.isa {
+        // SAFETY (both arms): `rows.isa` came from cpu::detect_isa via the caller and chose
+        // the split these kernels read; shapes were checked above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe {
+            crate::x86::matmul_bf16_avx512_paired(xp, m, k, wp, n, bias, op, ldo)
+        },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { crate::x86::matmul_bf16_avx2_paired(xp, m, k, wp, n, bias, op, ldo) },
+        _ => unreachable!("PairedRows exist only for AVX-512 and AVX2"),
+    }
+}
+
+/// Least rows for which [`matmul_many_rows`] pays off (its packing costs a pass over the
+/// weights; a denoising step of ≤ 16 rows is memory-bound and wants them streamed as stored).
+pub const MANY_ROWS: usize = 32;
+
+/// [`matmul`] for many rows (prefill, vision): on AVX2 a packed GEMM
+/// ([`crate::x86::gemm_avx2`]), elsewhere [`matmul`]. Each
+/// output sums its products in k order, so a row's result does not depend on the other
+/// rows or the split, but it differs from [`matmul`]'s by rounding: choose between the two
+/// on the whole call's row count (e.g. `m >= MANY_ROWS`), never per piece of a split.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_many_rows<W: WeightElem>(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[W],
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 {
+        check_shapes(x, m, k, w, n, bias, out, ldo);
+        // SAFETY: Isa::Avx2 comes from cpu::detect_isa (AVX2, FMA, F16C and OS support);
+        // shapes were checked above.
+        return unsafe { crate::x86::gemm_avx2(x, m, k, w, n, bias, out.as_mut_ptr(), ldo) };
+    }
+    matmul(isa, x, m, k, w, n, bias, out, ldo)
 }
 
 /// Dot product with the same lane order as [`matmul`] (used by attention).

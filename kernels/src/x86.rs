@@ -14,6 +14,9 @@ use core::arch::x86_64::*;
 
 use crate::{WKind, WeightElem};
 
+mod gemm;
+pub use gemm::gemm_avx2;
+
 // ---------------------------------------------------------------- AVX-512
 
 #[inline(always)]
@@ -291,20 +294,33 @@ unsafe fn tile512_bf16<const MR: usize, const NR: usize>(
     }
 }
 
-/// Split rows of `x` into the even/odd halves of each 32-wide k block (see
-/// [`tile512_bf16`]); rows of `kp` floats, zero past `k`.
-fn deinterleave_pairs<const BLOCK: usize>(
+/// Split rows of `x` into the even/odd halves of each `block`-wide k block (32 for
+/// [`tile512_bf16`], 16 for [`tile256_bf16`]); rows of k rounded up to `block`, zero past
+/// `k`.
+pub(crate) fn deinterleave_pairs(
+    block: usize,
     x: &[f32],
     m: usize,
     k: usize,
-    kp: usize,
 ) -> alloc::vec::Vec<f32> {
+    let kp = k.div_ceil(block) * block;
     let mut xd = alloc::vec![0f32; m * kp];
     for r in 0..m {
         let (src, dst) = (&x[r * k..(r + 1) * k], &mut xd[r * kp..(r + 1) * kp]);
-        for (t, &v) in src.iter().enumerate() {
-            let (blk, i) = (t / BLOCK, t % BLOCK);
-            dst[blk * BLOCK + (i & 1) * (BLOCK / 2) + i / 2] = v;
+        let (whole, half) = (k / block * block, block / 2);
+        // Whole blocks without per-element index arithmetic (LLVM turns this into shuffles).
+        for (s, d) in src[..whole]
+            .chunks_exact(block)
+            .zip(dst.chunks_exact_mut(block))
+        {
+            for i in 0..half {
+                d[i] = s[2 * i];
+                d[half + i] = s[2 * i + 1];
+            }
+        }
+        for (t, &v) in src.iter().enumerate().skip(whole) {
+            let i = t - whole;
+            dst[whole + (i & 1) * half + i / 2] = v;
         }
     }
     xd
@@ -312,9 +328,10 @@ fn deinterleave_pairs<const BLOCK: usize>(
 
 /// [`tile512_bf16`] over the whole matrix: 8-row tiles (the denoising block) against 2
 /// weight rows, so each widened weight vector feeds 8 rows; fewer rows get more columns.
+/// `xp`: `m` rows of `kp` = k rounded up to 32, split by [`deinterleave_pairs`] (block 32).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
-unsafe fn matmul_bf16_avx512(
-    x: &[f32],
+pub(crate) unsafe fn matmul_bf16_avx512_paired(
+    xp: *const f32,
     m: usize,
     k: usize,
     w: *const u16,
@@ -324,8 +341,6 @@ unsafe fn matmul_bf16_avx512(
     ldo: usize,
 ) {
     let kp = k.div_ceil(32) * 32;
-    let xd = deinterleave_pairs::<32>(x, m, k, kp);
-    let xp = xd.as_ptr();
     // Rows in chunks that stay in L2 while every weight tile streams past them.
     let m_chunk = (512 * 1024 / (kp * 4).max(1)).clamp(8, 256) / 8 * 8;
     pair_strips!(tile512_bf16, xp, kp, k, w, n, bias, out, ldo, m, m_chunk);
@@ -392,7 +407,8 @@ pub unsafe fn matmul_avx512<W: WeightElem>(
     if W::KIND == WKind::BF16 {
         // bf16 has its own widening trick (the checkpoints' weights are all bf16).
         let w16 = w.as_ptr() as *const u16;
-        return matmul_bf16_avx512(x, m, k, w16, n, bias, out.as_mut_ptr(), ldo);
+        let xd = deinterleave_pairs(32, x, m, k);
+        return matmul_bf16_avx512_paired(xd.as_ptr(), m, k, w16, n, bias, out.as_mut_ptr(), ldo);
     }
     dispatch_tiles!(
         tile512,
@@ -546,9 +562,10 @@ unsafe fn tile256_bf16<const MR: usize, const NR: usize>(
 }
 
 /// [`tile256_bf16`] over the whole matrix: 4-row tiles against 2 weight rows (16 ymm).
+/// `xp`: `m` rows of `kp` = k rounded up to 16, split by [`deinterleave_pairs`] (block 16).
 #[target_feature(enable = "avx2,fma")]
-unsafe fn matmul_bf16_avx2(
-    x: &[f32],
+pub(crate) unsafe fn matmul_bf16_avx2_paired(
+    xp: *const f32,
     m: usize,
     k: usize,
     w: *const u16,
@@ -558,8 +575,6 @@ unsafe fn matmul_bf16_avx2(
     ldo: usize,
 ) {
     let kp = k.div_ceil(16) * 16;
-    let xd = deinterleave_pairs::<16>(x, m, k, kp);
-    let xp = xd.as_ptr();
     let m_chunk = (512 * 1024 / (kp * 4).max(1)).clamp(4, 256) / 4 * 4;
     let mut c0 = 0;
     while c0 < m {
@@ -605,7 +620,8 @@ pub unsafe fn matmul_avx2<W: WeightElem>(
 ) {
     if W::KIND == WKind::BF16 {
         let w16 = w.as_ptr() as *const u16;
-        return matmul_bf16_avx2(x, m, k, w16, n, bias, out.as_mut_ptr(), ldo);
+        let xd = deinterleave_pairs(16, x, m, k);
+        return matmul_bf16_avx2_paired(xd.as_ptr(), m, k, w16, n, bias, out.as_mut_ptr(), ldo);
     }
     // 16 ymm registers: 4×2 accumulators + 2 weights + 1 activation.
     dispatch_tiles!(

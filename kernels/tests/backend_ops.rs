@@ -3,7 +3,7 @@
 //! instruction set this CPU supports.
 
 use dvl_kernels::attention::{attention, AttnShape};
-use dvl_kernels::matmul::{matmul, Isa};
+use dvl_kernels::matmul::{matmul, matmul_bf16_paired, matmul_many_rows, Isa, PairedRows};
 use dvl_kernels::{bf16, f16, reference, WeightElem};
 
 mod common;
@@ -64,6 +64,153 @@ fn matmul_matches_reference_for_every_weight_type_and_isa() {
     check_matmul(|v| v, "f32");
     check_matmul(bf16::from_f32, "bf16");
     check_matmul(f16::from_f32, "f16");
+}
+
+#[test]
+fn many_row_matmul_matches_reference_for_every_weight_type_and_isa() {
+    // The packed GEMM's blocks: 6-row tiles, 16-output panels, 256-k blocks (sums carried
+    // through `out`), 96-row blocks, 1024-output packs; every edge of each, and ldo > n.
+    let shapes = [
+        (1, 1, 1),
+        (5, 7, 3),
+        (6, 16, 16),
+        (7, 9, 17),
+        (13, 33, 31),
+        (32, 256, 16),
+        (33, 257, 40),
+        (97, 100, 33),
+        (101, 513, 50),
+        (40, 64, 1030),
+        (12, 0, 9),
+        (0, 8, 8),
+        (4, 5, 0),
+    ];
+    fn check<W: WeightElem>(conv: impl Fn(f32) -> W, name: &str, shapes: &[(usize, usize, usize)]) {
+        for &(m, k, n) in shapes {
+            let x = rand_vec(m * k, 21 + m as u64);
+            let w: Vec<W> = rand_vec(n * k, 8 + k as u64)
+                .into_iter()
+                .map(&conv)
+                .collect();
+            let bias = rand_vec(n, 4);
+            let mut want = vec![0f32; m * n];
+            reference::matmul(&x, m, k, &w, n, Some(&bias), &mut want);
+            // f32 summation bound: k + 1 roundings of at most 2^-24 of Σ|terms| each.
+            let bound = |i: usize, j: usize| {
+                let terms: f64 = (0..k)
+                    .map(|t| (x[i * k + t] as f64 * w[j * k + t].to_f32() as f64).abs())
+                    .sum();
+                (k as f64 + 2.0) * 2f64.powi(-24) * (terms + bias[j].abs() as f64)
+            };
+            let ldo = n + 3;
+            for isa in isas() {
+                let mut got = vec![f32::NAN; m * ldo];
+                matmul_many_rows(isa, &x, m, k, &w, n, Some(&bias), &mut got, ldo);
+                for i in 0..m {
+                    for j in 0..n {
+                        let (g, r) = (got[i * ldo + j], want[i * n + j]);
+                        assert!(
+                            ((g - r) as f64).abs() <= bound(i, j),
+                            "{name} {isa:?} m={m} k={k} n={n} [{i}, {j}]: {g} vs {r}"
+                        );
+                    }
+                    assert!(
+                        got[i * ldo + n..(i + 1) * ldo].iter().all(|v| v.is_nan()),
+                        "{name} {isa:?} m={m} k={k} n={n}: wrote past n in row {i}"
+                    );
+                }
+            }
+        }
+    }
+    check(|v| v, "f32", &shapes);
+    check(bf16::from_f32, "bf16", &shapes);
+    check(f16::from_f32, "f16", &shapes);
+}
+
+#[test]
+fn many_row_matmul_rows_do_not_depend_on_the_call() {
+    // A row's bits are the same whatever other rows share the call, and whatever column
+    // range a piece computes (the engine splits outputs across threads).
+    let (m, k, n) = (50, 300, 70);
+    let x = rand_vec(m * k, 31);
+    let w: Vec<bf16> = rand_vec(n * k, 32)
+        .into_iter()
+        .map(bf16::from_f32)
+        .collect();
+    let bias = rand_vec(n, 33);
+    for isa in isas() {
+        let mut all = vec![0f32; m * n];
+        matmul_many_rows(isa, &x, m, k, &w, n, Some(&bias), &mut all, n);
+        for (r0, r1) in [(0, 1), (7, 8), (13, 50), (44, 49)] {
+            let rows = r1 - r0;
+            let mut part = vec![0f32; rows * n];
+            matmul_many_rows(
+                isa,
+                &x[r0 * k..r1 * k],
+                rows,
+                k,
+                &w,
+                n,
+                Some(&bias),
+                &mut part,
+                n,
+            );
+            assert_eq!(&all[r0 * n..r1 * n], &part[..], "{isa:?} rows {r0}..{r1}");
+        }
+        for (n0, n1) in [(0, 16), (16, 70), (5, 21), (64, 70)] {
+            let mut part = vec![0f32; m * (n1 - n0)];
+            let b = &bias[n0..n1];
+            let ws = &w[n0 * k..n1 * k];
+            matmul_many_rows(isa, &x, m, k, ws, n1 - n0, Some(b), &mut part, n1 - n0);
+            for i in 0..m {
+                assert_eq!(
+                    &all[i * n + n0..i * n + n1],
+                    &part[i * (n1 - n0)..(i + 1) * (n1 - n0)],
+                    "{isa:?} columns {n0}..{n1}, row {i}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn prepared_rows_give_the_same_bits_as_matmul() {
+    // Rows prepared once and shared by the pieces of a split (column ranges) give each
+    // piece exactly what `matmul` gives it.
+    for &(m, k, n) in &[
+        (1, 1, 1),
+        (8, 896, 40),
+        (3, 33, 17),
+        (16, 100, 70),
+        (5, 0, 4),
+    ] {
+        let x = rand_vec(m * k, 41 + k as u64);
+        let w: Vec<bf16> = rand_vec(n * k, 42)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect();
+        let bias = rand_vec(n, 43);
+        for isa in isas() {
+            let Some(rows) = PairedRows::new(isa, &x, m, k) else {
+                assert_eq!(isa, Isa::Portable, "{isa:?} prepares rows");
+                continue;
+            };
+            assert_eq!((rows.rows(), rows.k()), (m, k));
+            for (n0, n1) in [(0, n), (0, n / 2), (n / 2, n)] {
+                let (ws, b) = (&w[n0 * k..n1 * k], &bias[n0..n1]);
+                let mut want = vec![0f32; m * (n1 - n0)];
+                let mut got = vec![f32::NAN; m * (n1 - n0)];
+                matmul(isa, &x, m, k, ws, n1 - n0, Some(b), &mut want, n1 - n0);
+                matmul_bf16_paired(&rows, ws, n1 - n0, Some(b), &mut got, n1 - n0);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "{isa:?} m={m} k={k} n={n} {n0}..{n1}"
+                );
+            }
+        }
+    }
 }
 
 #[test]
