@@ -224,8 +224,8 @@ def time_ms(fn, reps: int, warmup: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def bench_vision(shape: str, out_hidden: int, reps: int, warmup: int) -> float:
-    vis = build(Qwen2_5_VisionTransformerPretrainedModel, vision_config(shape, out_hidden), torch.bfloat16)
+def bench_vision(shape: str, out_hidden: int, reps: int, warmup: int, dtype: torch.dtype) -> float:
+    vis = build(Qwen2_5_VisionTransformerPretrainedModel, vision_config(shape, out_hidden), dtype)
     fill_random(vis, seed=1)
     cfg = vis.config
     grid_side = IMAGE_SIDE // (cfg.patch_size * cfg.spatial_merge_size) * cfg.spatial_merge_size
@@ -369,6 +369,9 @@ def main() -> None:
                     help="comma-separated prompt ids (overrides the golden prompt; no comparison)")
     ap.add_argument("--gen-length", type=int, default=32)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--dtype", choices=["bf16", "f32"], default="bf16",
+                    help="weights and activations of the shape benchmarks (f32: PyTorch's fastest CPU "
+                         "path where the CPU has no bf16 arithmetic, e.g. AVX2 only)")
     ap.add_argument("--generate-dtype", choices=["bf16", "f32"], default="bf16")
     ap.add_argument("--json-summary", action="store_true", help="finally print one object with all figures")
     args = ap.parse_args()
@@ -385,6 +388,7 @@ def main() -> None:
         "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),
         "shape": args.shape,
+        "dtype": args.dtype,
     }
     figures = {}
 
@@ -394,13 +398,14 @@ def main() -> None:
 
     with torch.inference_mode():
         t = time.perf_counter()
-        model = build(Qwen2ForCausalLM, text_config(args.shape), torch.bfloat16)
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        model = build(Qwen2ForCausalLM, text_config(args.shape), dtype)
         fill_random(model)
         log(f"built {args.shape} text model in {time.perf_counter() - t:.1f} s")
         check_block_causal(model)
 
         if not args.no_vision:
-            emit("vision_ms", bench_vision(args.shape, model.config.hidden_size, args.reps, args.warmup),
+            emit("vision_ms", bench_vision(args.shape, model.config.hidden_size, args.reps, args.warmup, dtype),
                  image=[IMAGE_SIDE, IMAGE_SIDE])
         for what, value in bench_text(model, prefix, args.reps, args.warmup).items():
             emit(what, value, prefix=prefix, block=BLOCK)
