@@ -539,6 +539,139 @@ impl CpuBackend {
     }
 }
 
+/// Few-row matmuls of one input on the FMA kernels, as one pool region each: a denoising
+/// step's q/k/v and SwiGLU were five regions (k and v, 8 × 896 × 128 for 0.5B, too small to
+/// split on their own, ran on one thread while the other waited) plus a one-thread SiLU
+/// product; now they are two. Every output element goes through the same kernel as in
+/// [`Backend::matmul`] (the pieces are column ranges), so the bits are those of the
+/// definitions.
+#[cfg(feature = "std")]
+impl CpuBackend {
+    /// Whether `m` rows of `k` against `n` outputs in all take the pooled few-row path.
+    fn few_rows_pooled(&self, m: usize, k: usize, n: usize) -> Option<&rayon::ThreadPool> {
+        let bf16 = self.kernel_for(m, k);
+        let pool = self.pool.as_ref()?;
+        (bf16 == Bf16Kernel::F32
+            && !self.many_rows_gemm(bf16, m)
+            && m > 0
+            && n >= 64
+            && m * n * k >= PAR_MIN_MACS)
+            .then_some(pool)
+    }
+
+    /// [`Backend::matmul_many`] for few rows: the projections' weight rows, end to end, in
+    /// pieces across the pool; the rows prepared once for all. False where it does not
+    /// apply (nothing done).
+    fn few_rows_many(&self, x: &[f32], m: usize, k: usize, projs: &mut [Projection<'_>]) -> bool {
+        use rayon::prelude::*;
+        let total: usize = projs.iter().map(|p| p.n).sum();
+        let Some(pool) = self.few_rows_pooled(m, k, total) else {
+            return false;
+        };
+        let (isa, bf16) = (self.isa, self.kernel_for(m, k));
+        let paired = projs
+            .iter()
+            .find_map(|p| self.paired_rows(bf16, x, m, k, p.w));
+        let specs: Vec<(WData<'_>, usize, Option<&[f32]>)> =
+            projs.iter().map(|p| (p.w, p.n, p.bias)).collect();
+        let chunk = total
+            .div_ceil(pool.current_num_threads() * 4)
+            .next_multiple_of(4);
+        // (projection, first column, m × width values) per piece and projection it touches.
+        let pieces: Vec<Vec<(usize, usize, Vec<f32>)>> = pool.install(|| {
+            (0..total.div_ceil(chunk))
+                .into_par_iter()
+                .map(|c| {
+                    let (g0, g1) = (c * chunk, ((c + 1) * chunk).min(total));
+                    let mut parts = Vec::new();
+                    let mut start = 0;
+                    for (pi, &(w, n, bias)) in specs.iter().enumerate() {
+                        let (n0, n1) = (
+                            g0.max(start) - start,
+                            g1.min(start + n).saturating_sub(start),
+                        );
+                        if n0 < n1 {
+                            let mut buf = vec![0f32; m * (n1 - n0)];
+                            let mode = (isa, bf16);
+                            matmul_prepared(
+                                paired.as_ref(),
+                                mode,
+                                x,
+                                m,
+                                k,
+                                w,
+                                (n0, n1),
+                                bias,
+                                &mut buf,
+                            );
+                            parts.push((pi, n0, buf));
+                        }
+                        start += n;
+                    }
+                    parts
+                })
+                .collect()
+        });
+        for (pi, n0, buf) in pieces.into_iter().flatten() {
+            let (n, wdt) = (projs[pi].n, buf.len() / m);
+            for i in 0..m {
+                projs[pi].out[i * n + n0..i * n + n0 + wdt]
+                    .copy_from_slice(&buf[i * wdt..(i + 1) * wdt]);
+            }
+        }
+        true
+    }
+
+    /// [`Backend::matmul_swiglu`] for few rows: each piece of columns computes its gate and
+    /// up values and their SiLU product while they are in cache. False where it does not
+    /// apply (nothing done).
+    #[allow(clippy::too_many_arguments)]
+    fn few_rows_swiglu(
+        &self,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        gate: (WData<'_>, Option<&[f32]>),
+        up: (WData<'_>, Option<&[f32]>),
+        n: usize,
+        out: &mut [f32],
+    ) -> bool {
+        use rayon::prelude::*;
+        let Some(pool) = self.few_rows_pooled(m, k, 2 * n) else {
+            return false;
+        };
+        let (isa, bf16) = (self.isa, self.kernel_for(m, k));
+        let paired = self
+            .paired_rows(bf16, x, m, k, gate.0)
+            .or_else(|| self.paired_rows(bf16, x, m, k, up.0));
+        let chunk = n
+            .div_ceil(pool.current_num_threads() * 4)
+            .next_multiple_of(4);
+        let pieces: Vec<(usize, Vec<f32>)> = pool.install(|| {
+            (0..n.div_ceil(chunk))
+                .into_par_iter()
+                .map(|c| {
+                    let cols = (c * chunk, ((c + 1) * chunk).min(n));
+                    let width = cols.1 - cols.0;
+                    let (mut g, mut u) = (vec![0f32; m * width], vec![0f32; m * width]);
+                    let p = paired.as_ref();
+                    matmul_prepared(p, (isa, bf16), x, m, k, gate.0, cols, gate.1, &mut g);
+                    matmul_prepared(p, (isa, bf16), x, m, k, up.0, cols, up.1, &mut u);
+                    dvl_kernels::elementwise::silu_mul_isa(isa, &mut g, &u);
+                    (cols.0, g)
+                })
+                .collect()
+        });
+        for (n0, g) in pieces {
+            let wdt = g.len() / m;
+            for i in 0..m {
+                out[i * n + n0..i * n + n0 + wdt].copy_from_slice(&g[i * wdt..(i + 1) * wdt]);
+            }
+        }
+        true
+    }
+}
+
 /// An output pointer shared by threads that write disjoint columns.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
@@ -984,6 +1117,10 @@ impl Backend for CpuBackend {
                 return;
             }
         }
+        #[cfg(feature = "std")]
+        if self.few_rows_many(x, m, k, projs) {
+            return;
+        }
         for p in projs.iter_mut() {
             self.matmul(x, m, k, p.w, p.n, p.bias, p.out);
         }
@@ -1011,6 +1148,10 @@ impl Backend for CpuBackend {
                 self.matmul_swiglu_amx(kernel, x, m, k, (wg, bg), (wu, bu), n, out);
                 return;
             }
+        }
+        #[cfg(feature = "std")]
+        if self.few_rows_swiglu(x, m, k, gate, up, n, out) {
+            return;
         }
         swiglu_unfused(self, x, m, k, gate, up, n, out);
     }
@@ -1417,6 +1558,9 @@ mod tests {
                 for (m, k, n, kv) in [
                     (1, 64, 96, 32),
                     (8, 200, 130, 30),
+                    // Few rows, enough work for the pool: one region for all projections.
+                    (8, 300, 500, 100),
+                    (13, 96, 1000, 60),
                     (33, 96, 64, 16),
                     (300, 136, 100, 40),
                     (300, 40, 1000, 30),
