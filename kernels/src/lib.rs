@@ -8,7 +8,8 @@
 //! f32 or f64 accumulator, written to be obviously right) beside the *fast* variant that the
 //! engine calls. Tests compare fast against reference on odd shapes, ggml test-backend-ops
 //! style. Activations are f32; weights are read as stored (bf16, f16 or f32) and widened in
-//! registers, never repacked.
+//! registers, never repacked at load (the AVX2 many-row GEMM widens ≤ 1 MiB panels per
+//! call).
 #![no_std]
 
 extern crate alloc;

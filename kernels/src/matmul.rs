@@ -262,9 +262,9 @@ pub fn matmul_bf16_paired(
 pub const MANY_ROWS: usize = 32;
 
 /// [`matmul`] for many rows (prefill, vision): on AVX2 a packed GEMM
-/// ([`crate::x86::gemm_avx2`]), elsewhere [`matmul`]. Each
-/// output sums its products in k order, so a row's result does not depend on the other
-/// rows or the split, but it differs from [`matmul`]'s by rounding: choose between the two
+/// ([`crate::x86::gemm_avx2`]), elsewhere [`matmul`]. Each output sums its products in k
+/// order (in k blocks that depend on k alone), so a row's result does not depend on the
+/// other rows or the split, but it differs from [`matmul`]'s by rounding: choose between the two
 /// on the whole call's row count (e.g. `m >= MANY_ROWS`), never per piece of a split.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_many_rows<W: WeightElem>(
