@@ -491,6 +491,16 @@ fn matmul_any(
     }
 }
 
+/// A piece's `rows` × width values (`piece`, row-major) into columns `n0..` of `out`, whose
+/// rows are `n` apart (the pieces of a split by outputs are computed into their own buffers).
+#[cfg_attr(not(feature = "std"), allow(dead_code))]
+fn put_columns(out: &mut [f32], n: usize, n0: usize, piece: &[f32], rows: usize) {
+    let width = piece.len() / rows.max(1);
+    for (i, src) in piece.chunks_exact(width.max(1)).take(rows).enumerate() {
+        out[i * n + n0..i * n + n0 + width].copy_from_slice(src);
+    }
+}
+
 /// Columns `n0..n1` of `x · Wᵀ` into `out` (rows `n1 − n0` apart), from `paired` rows where
 /// the caller prepared them ([`CpuBackend::paired_rows`]), else as [`matmul_any`].
 #[allow(clippy::too_many_arguments)]
@@ -613,11 +623,8 @@ impl CpuBackend {
                 .collect()
         });
         for (pi, n0, buf) in pieces.into_iter().flatten() {
-            let (n, wdt) = (projs[pi].n, buf.len() / m);
-            for i in 0..m {
-                projs[pi].out[i * n + n0..i * n + n0 + wdt]
-                    .copy_from_slice(&buf[i * wdt..(i + 1) * wdt]);
-            }
+            let n = projs[pi].n;
+            put_columns(projs[pi].out, n, n0, &buf, m);
         }
         true
     }
@@ -663,10 +670,7 @@ impl CpuBackend {
                 .collect()
         });
         for (n0, g) in pieces {
-            let wdt = g.len() / m;
-            for i in 0..m {
-                out[i * n + n0..i * n + n0 + wdt].copy_from_slice(&g[i * wdt..(i + 1) * wdt]);
-            }
+            put_columns(out, n, n0, &g, m);
         }
         true
     }
@@ -1094,11 +1098,7 @@ impl Backend for CpuBackend {
                         .collect()
                 });
                 for (n0, buf) in pieces {
-                    let wdt = buf.len() / m.max(1);
-                    for i in 0..m {
-                        out[i * n + n0..i * n + n0 + wdt]
-                            .copy_from_slice(&buf[i * wdt..(i + 1) * wdt]);
-                    }
+                    put_columns(out, n, n0, &buf, m);
                 }
                 return;
             }
@@ -1305,7 +1305,7 @@ impl Backend for CpuBackend {
             z.resize(rows * CHUNK, 0.0);
             let z = &mut z[..rows * (n1 - n0)];
             #[cfg(target_arch = "x86_64")]
-            if let (Some(p), WData::BF16(s)) = (&packed, w) {
+            let on_tiles = if let (Some(p), WData::BF16(s)) = (&packed, w) {
                 assert!(s.len() >= n1 * k, "logits_argmax: weights too short");
                 // SAFETY: `packed` exists only for the AMX kernels, chosen after
                 // amx::available(); s holds rows n0..n1 of k and z holds rows × (n1 − n0).
@@ -1319,31 +1319,16 @@ impl Backend for CpuBackend {
                         n1 - n0,
                     )
                 };
+                true
             } else {
-                matmul_prepared(
-                    paired.as_ref(),
-                    (isa, bf16),
-                    hn,
-                    rows,
-                    k,
-                    w,
-                    (n0, n1),
-                    None,
-                    z,
-                );
-            }
+                false
+            };
             #[cfg(not(target_arch = "x86_64"))]
-            matmul_prepared(
-                paired.as_ref(),
-                (isa, bf16),
-                hn,
-                rows,
-                k,
-                w,
-                (n0, n1),
-                None,
-                z,
-            );
+            let on_tiles = false;
+            if !on_tiles {
+                let mode = (isa, bf16);
+                matmul_prepared(paired.as_ref(), mode, hn, rows, k, w, (n0, n1), None, z);
+            }
             z.chunks_exact(n1 - n0)
                 .map(|zr| ArgmaxPartial::of_isa(isa, zr, n0, never))
                 .collect()
