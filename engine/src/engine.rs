@@ -146,11 +146,13 @@ impl Engine {
         for (i, f) in files.iter().enumerate() {
             let file = std::fs::File::open(f).map_err(|e| io_err(f, e))?;
             if show_progress {
+                let bytes = file.metadata().map_or(0, |m| m.len());
                 eprintln!(
-                    "dvl: mapping shard {}/{} {} ({:.2} GB)",
+                    "dvl: mapping shard {}/{} {} ({:.2} of {:.2} GB)",
                     i + 1,
                     files.len(),
                     f.display(),
+                    bytes as f64 / 1e9,
                     total as f64 / 1e9
                 );
             }
