@@ -451,6 +451,64 @@ unsafe fn hsum256(v: __m256) -> f32 {
     _mm_cvtss_f32(s3)
 }
 
+/// Eight [`hsum256`]s at once: lane j of the result is `hsum256(v[j])`, bit for bit (the
+/// same pairs added in the same order), for ~20 operations instead of ~50. Tiles with a
+/// short k (the tiny model's k = 64 vocabulary projection: 8 FMAs a row and output) spent
+/// as long in their per-output sums as in their products.
+#[inline(always)]
+unsafe fn hsum256x8(v: &[__m256; 8]) -> __m256 {
+    // w_j = [s_j | s_{j+4}] with s = lo + hi: lanes (0+4, 1+5, 2+6, 3+7).
+    let w: [__m256; 4] = core::array::from_fn(|j| {
+        _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(v[j], v[j + 4]),
+            _mm256_permute2f128_ps::<0x31>(v[j], v[j + 4]),
+        )
+    });
+    // (s[0] + s[2]) and (s[1] + s[3]) of every s, side by side, then their sum.
+    let even = _mm256_hadd_ps(
+        _mm256_shuffle_ps::<0x88>(w[0], w[1]),
+        _mm256_shuffle_ps::<0x88>(w[2], w[3]),
+    );
+    let odd = _mm256_hadd_ps(
+        _mm256_shuffle_ps::<0xDD>(w[0], w[1]),
+        _mm256_shuffle_ps::<0xDD>(w[2], w[3]),
+    );
+    _mm256_add_ps(even, odd)
+}
+
+/// `out[r·ldo + c] = hsum256(acc[r][c]) + bias[c]` for a tile's accumulators.
+#[inline(always)]
+unsafe fn store_sums<const MR: usize, const NR: usize>(
+    acc: &[[__m256; NR]; MR],
+    bias: Option<&[f32]>,
+    out: *mut f32,
+    ldo: usize,
+    j0: usize,
+) {
+    let b = |c: usize| bias.map_or(0.0, |b| b[j0 + c]);
+    if MR * NR >= 4 {
+        let mut v = [_mm256_setzero_ps(); 8];
+        for r in 0..MR {
+            for c in 0..NR {
+                v[r * NR + c] = acc[r][c];
+            }
+        }
+        let mut sums = [0f32; 8];
+        _mm256_storeu_ps(sums.as_mut_ptr(), hsum256x8(&v));
+        for r in 0..MR {
+            for c in 0..NR {
+                *out.add(r * ldo + c) = sums[r * NR + c] + b(c);
+            }
+        }
+    } else {
+        for r in 0..MR {
+            for c in 0..NR {
+                *out.add(r * ldo + c) = hsum256(acc[r][c]) + b(c);
+            }
+        }
+    }
+}
+
 #[inline(always)]
 unsafe fn tile256<W: WeightElem, const MR: usize, const NR: usize>(
     x: *const f32,
@@ -553,15 +611,80 @@ unsafe fn tile256_bf16<const MR: usize, const NR: usize>(
         }
         pair_step256::<MR, NR>(&mut acc, xd, kp, full, wv);
     }
-    for r in 0..MR {
-        for c in 0..NR {
-            let b = bias.map_or(0.0, |b| b[j0 + c]);
-            *out.add(r * ldo + c) = hsum256(acc[r][c]) + b;
+    store_sums(&acc, bias, out, ldo, j0);
+}
+
+/// One 16-weight block of [`tile256_bf16_wide`]: the rows first, then each weight row
+/// widened and used for every row.
+#[inline(always)]
+unsafe fn wide_step256<const MR: usize, const NR: usize>(
+    acc: &mut [[__m256; NR]; MR],
+    xd: *const f32,
+    kp: usize,
+    kk: usize,
+    wv: &[__m256i; NR],
+) {
+    let high = _mm256_set1_epi32(0xffff_0000u32 as i32);
+    let xe: [__m256; MR] = core::array::from_fn(|r| _mm256_loadu_ps(xd.add(r * kp + kk)));
+    let xo: [__m256; MR] = core::array::from_fn(|r| _mm256_loadu_ps(xd.add(r * kp + kk + 8)));
+    for c in 0..NR {
+        let we = _mm256_castsi256_ps(_mm256_slli_epi32(wv[c], 16));
+        let wo = _mm256_castsi256_ps(_mm256_and_si256(wv[c], high));
+        for r in 0..MR {
+            acc[r][c] = _mm256_fmadd_ps(xe[r], we, acc[r][c]);
+            acc[r][c] = _mm256_fmadd_ps(xo[r], wo, acc[r][c]);
         }
     }
 }
 
-/// [`tile256_bf16`] over the whole matrix: 4-row tiles against 2 weight rows (16 ymm).
+/// [`tile256_bf16`] with the activations loaded before the weights: `MR` rows × `NR`
+/// outputs for one or two rows (8 accumulators + the rows' 2·MR vectors + one widened
+/// weight pair stay in registers, where [`pair_step256`]'s all-weights-first order would
+/// spill for 8 outputs). Same products in the same order as [`tile256_bf16`].
+#[inline(always)]
+unsafe fn tile256_bf16_wide<const MR: usize, const NR: usize>(
+    xd: *const f32,
+    kp: usize,
+    k: usize,
+    w: *const u16,
+    bias: Option<&[f32]>,
+    out: *mut f32,
+    ldo: usize,
+    j0: usize,
+) {
+    let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+    let full = k / 16 * 16;
+    let mut kk = 0;
+    while kk < full {
+        let wv: [__m256i; NR] =
+            core::array::from_fn(|c| _mm256_loadu_si256(w.add(c * k + kk) as *const __m256i));
+        wide_step256::<MR, NR>(&mut acc, xd, kp, kk, &wv);
+        kk += 16;
+    }
+    if full < k {
+        // No 16-bit masked loads on AVX2: copy the tail, zero-padded.
+        let mut tail = [[0u16; 16]; NR];
+        for (c, t) in tail.iter_mut().enumerate() {
+            for i in full..k {
+                t[i - full] = *w.add(c * k + i);
+            }
+        }
+        let wv: [__m256i; NR] =
+            core::array::from_fn(|c| _mm256_loadu_si256(tail[c].as_ptr() as *const __m256i));
+        wide_step256::<MR, NR>(&mut acc, xd, kp, full, &wv);
+    }
+    store_sums(&acc, bias, out, ldo, j0);
+}
+
+/// Up to this many k (rounded to 16) the paired kernel takes 8 outputs at a time, so that
+/// every tile ends in one [`hsum256x8`]: for k = 64 (the tiny model's 151,936-entry
+/// vocabulary projection, ~60% of its generation) a 1-row × 2-output tile did 8 FMAs per
+/// output and spent longer in its two scalar sums. Above it the sums are a few percent
+/// of a tile and 2 weight rows (not 8) stay in L1 for all row tiles.
+const WIDE_MAX_K: usize = 256;
+
+/// [`tile256_bf16`] over the whole matrix: 4-row tiles against 2 weight rows (16 ymm);
+/// for k ≤ [`WIDE_MAX_K`], blocks of 8 outputs with tiles of 4 × 2, 3 × 2, 2 × 4 or 1 × 8.
 /// `xp`: `m` rows of `kp` = k rounded up to 16, split by [`deinterleave_pairs`] (block 16).
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn matmul_bf16_avx2_paired(
@@ -576,30 +699,58 @@ pub(crate) unsafe fn matmul_bf16_avx2_paired(
 ) {
     let kp = k.div_ceil(16) * 16;
     let m_chunk = (512 * 1024 / (kp * 4).max(1)).clamp(4, 256) / 4 * 4;
+    let wide = kp <= WIDE_MAX_K;
     let mut c0 = 0;
     while c0 < m {
         let c1 = (c0 + m_chunk).min(m);
         let mut j0 = 0;
         while j0 < n {
-            let nr = 2.min(n - j0);
-            let wp = w.add(j0 * k);
+            let nb = if wide && n - j0 >= 8 {
+                8
+            } else {
+                2.min(n - j0)
+            };
             let mut i0 = c0;
             while i0 < c1 {
                 let mr = (c1 - i0).min(4);
                 let (xr, op) = (xp.add(i0 * kp), out.add(i0 * ldo + j0));
-                match (mr, nr) {
-                    (4, 2) => tile256_bf16::<4, 2>(xr, kp, k, wp, bias, op, ldo, j0),
-                    (4, _) => tile256_bf16::<4, 1>(xr, kp, k, wp, bias, op, ldo, j0),
-                    (3, 2) => tile256_bf16::<3, 2>(xr, kp, k, wp, bias, op, ldo, j0),
-                    (3, _) => tile256_bf16::<3, 1>(xr, kp, k, wp, bias, op, ldo, j0),
-                    (2, 2) => tile256_bf16::<2, 2>(xr, kp, k, wp, bias, op, ldo, j0),
-                    (2, _) => tile256_bf16::<2, 1>(xr, kp, k, wp, bias, op, ldo, j0),
-                    (_, 2) => tile256_bf16::<1, 2>(xr, kp, k, wp, bias, op, ldo, j0),
-                    _ => tile256_bf16::<1, 1>(xr, kp, k, wp, bias, op, ldo, j0),
+                // Outputs j0 + j of the tile starting at the block's j-th output.
+                let at = |j: usize| (w.add((j0 + j) * k), op.add(j), j0 + j);
+                match (mr, nb) {
+                    (4, 8) => {
+                        for j in [0, 2, 4, 6] {
+                            let (wp, o, jj) = at(j);
+                            tile256_bf16::<4, 2>(xr, kp, k, wp, bias, o, ldo, jj);
+                        }
+                    }
+                    (3, 8) => {
+                        for j in [0, 2, 4, 6] {
+                            let (wp, o, jj) = at(j);
+                            tile256_bf16::<3, 2>(xr, kp, k, wp, bias, o, ldo, jj);
+                        }
+                    }
+                    (2, 8) => {
+                        for j in [0, 4] {
+                            let (wp, o, jj) = at(j);
+                            tile256_bf16_wide::<2, 4>(xr, kp, k, wp, bias, o, ldo, jj);
+                        }
+                    }
+                    (_, 8) => {
+                        let (wp, o, jj) = at(0);
+                        tile256_bf16_wide::<1, 8>(xr, kp, k, wp, bias, o, ldo, jj);
+                    }
+                    (4, 2) => tile256_bf16::<4, 2>(xr, kp, k, at(0).0, bias, op, ldo, j0),
+                    (4, _) => tile256_bf16::<4, 1>(xr, kp, k, at(0).0, bias, op, ldo, j0),
+                    (3, 2) => tile256_bf16::<3, 2>(xr, kp, k, at(0).0, bias, op, ldo, j0),
+                    (3, _) => tile256_bf16::<3, 1>(xr, kp, k, at(0).0, bias, op, ldo, j0),
+                    (2, 2) => tile256_bf16::<2, 2>(xr, kp, k, at(0).0, bias, op, ldo, j0),
+                    (2, _) => tile256_bf16::<2, 1>(xr, kp, k, at(0).0, bias, op, ldo, j0),
+                    (_, 2) => tile256_bf16::<1, 2>(xr, kp, k, at(0).0, bias, op, ldo, j0),
+                    _ => tile256_bf16::<1, 1>(xr, kp, k, at(0).0, bias, op, ldo, j0),
                 }
                 i0 += mr;
             }
-            j0 += nr;
+            j0 += nb;
         }
         c0 = c1;
     }

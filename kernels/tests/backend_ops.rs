@@ -234,20 +234,40 @@ fn matmul_writes_with_leading_dimension() {
 #[test]
 fn matmul_is_identical_across_isas_row_counts() {
     // A row's result must not depend on how many rows are computed together (this is what
-    // makes fused commit passes and thread splits bit-identical).
-    let (k, n) = (77, 5);
-    let x = rand_vec(9 * k, 11);
-    let w: Vec<bf16> = rand_vec(n * k, 12)
-        .into_iter()
-        .map(bf16::from_f32)
-        .collect();
-    for isa in isas() {
-        let mut all = vec![0f32; 9 * n];
-        matmul(isa, &x, 9, k, &w, n, None, &mut all, n);
-        for r in 0..9 {
-            let mut one = vec![0f32; n];
-            matmul(isa, &x[r * k..(r + 1) * k], 1, k, &w, n, None, &mut one, n);
-            assert_eq!(&all[r * n..(r + 1) * n], &one[..], "{isa:?} row {r}");
+    // makes fused commit passes and thread splits bit-identical), nor on where its columns
+    // start: k <= 256 with 8 or more outputs takes 8-output blocks whose tile shape
+    // (4x2, 3x2, 2x4, 1x8) follows the row count, ending in one vector of sums; narrower
+    // calls and k > 256 take 2-output tiles with one sum per output.
+    for (k, n) in [(77, 5), (64, 21), (250, 16), (257, 19), (31, 8)] {
+        let x = rand_vec(9 * k, 11 + k as u64);
+        let w: Vec<bf16> = rand_vec(n * k, 12)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect();
+        let bias = rand_vec(n, 13);
+        for isa in isas() {
+            let mut all = vec![0f32; 9 * n];
+            matmul(isa, &x, 9, k, &w, n, Some(&bias), &mut all, n);
+            for rows in [1, 2, 3] {
+                for r in 0..=9 - rows {
+                    // These rows alone, all columns and the columns from 1 and from 3 on.
+                    for n0 in [0, 1, 3] {
+                        let cols = n - n0;
+                        let mut some = vec![0f32; rows * cols];
+                        let xs = &x[r * k..(r + rows) * k];
+                        let (ws, b) = (&w[n0 * k..], &bias[n0..]);
+                        matmul(isa, xs, rows, k, ws, cols, Some(b), &mut some, cols);
+                        for i in 0..rows {
+                            assert_eq!(
+                                &all[(r + i) * n + n0..(r + i + 1) * n],
+                                &some[i * cols..(i + 1) * cols],
+                                "{isa:?} k={k} n={n}: row {} of {rows} from row {r}, columns {n0}..",
+                                r + i
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 }
