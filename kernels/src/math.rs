@@ -102,6 +102,38 @@ pub(crate) unsafe fn exp2_avx512(t: core::arch::x86_64::__m512) -> core::arch::x
     _mm512_scalef_ps(_mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0)), n)
 }
 
+/// `2^t` on 8 lanes with AVX2 + FMA, for `t ≤ 0` (softmax exponentials): the polynomial
+/// of [`exp2_avx512`], n by `vroundps`, and 2ⁿ written into the exponent field. AVX2 has
+/// no `vscalefps`, so t is first raised to −125 (2ⁿ stays a normal number): below that
+/// the result is ~2⁻¹²⁵ instead of 0, nothing next to a softmax sum of at least 1.
+/// 14 operations where [`exp_f32`]'s algorithm takes ~30 without FMA.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn exp2_avx2(t: core::arch::x86_64::__m256) -> core::arch::x86_64::__m256 {
+    use core::arch::x86_64::*;
+    const C: [f32; 6] = [
+        1.540_353e-4,
+        1.333_355_8e-3,
+        9.618_129e-3,
+        5.550_411e-2,
+        0.240_226_5,
+        core::f32::consts::LN_2,
+    ];
+    let t = _mm256_max_ps(t, _mm256_set1_ps(-125.0));
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
+    let f = _mm256_sub_ps(t, n);
+    let mut p = _mm256_set1_ps(C[0]);
+    for &c in &C[1..] {
+        p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(c));
+    }
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0));
+    let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvtps_epi32(n),
+        _mm256_set1_epi32(127),
+    ));
+    _mm256_mul_ps(p, _mm256_castsi256_ps(bits))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -117,5 +149,38 @@ mod tests {
         assert!(worst < 3e-7, "worst relative error {worst}");
         assert_eq!(super::exp_f32(-200.0), 0.0);
         assert_eq!(super::exp_f32(0.0), 1.0);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn exp2_avx2_is_accurate_for_softmax_exponents() {
+        use core::arch::x86_64::*;
+        if crate::cpu::detect_isa() == crate::matmul::Isa::Portable {
+            return;
+        }
+        let mut worst = 0f64;
+        let mut t = -124.9f32;
+        while t <= 0.0 {
+            // SAFETY: detect_isa found AVX2 + FMA with OS support.
+            let got = unsafe {
+                let mut out = [0f32; 8];
+                _mm256_storeu_ps(out.as_mut_ptr(), super::exp2_avx2(_mm256_set1_ps(t)));
+                out[0]
+            } as f64;
+            let want = (t as f64).exp2();
+            worst = worst.max(((got - want) / want).abs());
+            t += 0.0071;
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+        // Far below: clamped to 2^-125 (normal), never NaN or negative.
+        let tiny = unsafe {
+            let mut out = [0f32; 8];
+            _mm256_storeu_ps(
+                out.as_mut_ptr(),
+                super::exp2_avx2(_mm256_set1_ps(f32::NEG_INFINITY)),
+            );
+            out[0]
+        };
+        assert!(tiny > 0.0 && tiny < 1e-37 && tiny.is_normal(), "{tiny}");
     }
 }

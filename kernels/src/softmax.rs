@@ -196,11 +196,43 @@ unsafe fn sum_exp_avx512(z: &[f32], m: f32) -> f64 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn partial_avx2(z: &[f32], offset: usize, never: Option<usize>) -> ArgmaxPartial {
-    // A closure, not the fn item `sum_exp_lanes`: closures inherit this function's target
-    // features, while a fn item passed as `impl Fn` is called through its `Fn::call` shim,
-    // compiled for baseline x86-64 (the exp loop ran 4 wide on SSE2, ~22% of a tiny-model
-    // generation).
-    partial_with(z, offset, never, |z, m| sum_exp_lanes(z, m))
+    // A closure, not a fn item: closures inherit this function's target features, while a
+    // fn item passed as `impl Fn` is called through its `Fn::call` shim, compiled for
+    // baseline x86-64 (an exp loop ran 4 wide on SSE2 that way).
+    partial_with(z, offset, never, |z, m| sum_exp_avx2(z, m))
+}
+
+/// [`sum_exp_avx512`] on AVX2: [`crate::math::exp2_avx2`] of `(z − m)·log2 e`, two 8-lane
+/// accumulators per 256 values (16 lanes, as the portable sum), chunk sums added in f64.
+/// Rounding differs from the portable sum in the last bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn sum_exp_avx2(z: &[f32], m: f32) -> f64 {
+    use core::arch::x86_64::*;
+    let log2e = _mm256_set1_ps(core::f32::consts::LOG2_E);
+    let mv = _mm256_set1_ps(m);
+    let exp8 = |x: __m256| crate::math::exp2_avx2(_mm256_mul_ps(_mm256_sub_ps(x, mv), log2e));
+    let mut sum = 0f64;
+    for chunk in z.chunks(256) {
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let mut it = chunk.chunks_exact(16);
+        for v in &mut it {
+            acc[0] = _mm256_add_ps(acc[0], exp8(_mm256_loadu_ps(v.as_ptr())));
+            acc[1] = _mm256_add_ps(acc[1], exp8(_mm256_loadu_ps(v.as_ptr().add(8))));
+        }
+        for (h, part) in it.remainder().chunks(8).enumerate() {
+            let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(part.len() as i32), lanes);
+            let x = _mm256_maskload_ps(part.as_ptr(), mask);
+            let e = _mm256_and_ps(exp8(x), _mm256_castsi256_ps(mask));
+            acc[h] = _mm256_add_ps(acc[h], e);
+        }
+        let v = _mm256_add_ps(acc[0], acc[1]);
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        sum += _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s))) as f64;
+    }
+    sum
 }
 
 #[inline(always)]
