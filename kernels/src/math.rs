@@ -74,6 +74,18 @@ pub(crate) unsafe fn exp_v<V: crate::simd::F32x>(x: V) -> V {
     V::select(x.gt(V::splat(HI)), V::splat(f32::INFINITY), v)
 }
 
+/// `2^f` on f ∈ [−½, ½] by its degree-6 Taylor polynomial: (ln 2)^i / i!, i = 6 … 1
+/// (then 1), for [`exp2_avx512`] and [`exp2_avx2`].
+#[cfg(target_arch = "x86_64")]
+const EXP2_POLY: [f32; 6] = [
+    1.540_353e-4,
+    1.333_355_8e-3,
+    9.618_129e-3,
+    5.550_411e-2,
+    0.240_226_5,
+    core::f32::consts::LN_2,
+];
+
 /// `2^t` on 16 lanes: t split into an integer n (`vrndscaleps`) and f ∈ [−½, ½], `2^f` by
 /// its degree-6 Taylor polynomial (relative error ~1e-7), scaled by 2ⁿ with `vscalefps`:
 /// 11 operations where [`exp_f32`]'s algorithm takes 18. Below 2⁻²⁰⁰ (and for −∞) the
@@ -83,20 +95,11 @@ pub(crate) unsafe fn exp_v<V: crate::simd::F32x>(x: V) -> V {
 #[inline(always)]
 pub(crate) unsafe fn exp2_avx512(t: core::arch::x86_64::__m512) -> core::arch::x86_64::__m512 {
     use core::arch::x86_64::*;
-    // (ln 2)^i / i!, i = 6 … 1.
-    const C: [f32; 6] = [
-        1.540_353e-4,
-        1.333_355_8e-3,
-        9.618_129e-3,
-        5.550_411e-2,
-        0.240_226_5,
-        core::f32::consts::LN_2,
-    ];
     let t = _mm512_max_ps(t, _mm512_set1_ps(-200.0));
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
     let f = _mm512_sub_ps(t, n);
-    let mut p = _mm512_set1_ps(C[0]);
-    for &c in &C[1..] {
+    let mut p = _mm512_set1_ps(EXP2_POLY[0]);
+    for &c in &EXP2_POLY[1..] {
         p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
     }
     _mm512_scalef_ps(_mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0)), n)
@@ -111,19 +114,11 @@ pub(crate) unsafe fn exp2_avx512(t: core::arch::x86_64::__m512) -> core::arch::x
 #[inline(always)]
 pub(crate) unsafe fn exp2_avx2(t: core::arch::x86_64::__m256) -> core::arch::x86_64::__m256 {
     use core::arch::x86_64::*;
-    const C: [f32; 6] = [
-        1.540_353e-4,
-        1.333_355_8e-3,
-        9.618_129e-3,
-        5.550_411e-2,
-        0.240_226_5,
-        core::f32::consts::LN_2,
-    ];
     let t = _mm256_max_ps(t, _mm256_set1_ps(-125.0));
     let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
     let f = _mm256_sub_ps(t, n);
-    let mut p = _mm256_set1_ps(C[0]);
-    for &c in &C[1..] {
+    let mut p = _mm256_set1_ps(EXP2_POLY[0]);
+    for &c in &EXP2_POLY[1..] {
         p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(c));
     }
     p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0));

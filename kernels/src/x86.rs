@@ -547,14 +547,15 @@ unsafe fn tile256<W: WeightElem, const MR: usize, const NR: usize>(
     }
 }
 
-/// One 16-weight block of [`tile256_bf16`]: widen the pairs, FMA into every row.
+/// One 16-weight block of [`tile256_bf16`], weights first: widen the `NR` weight rows,
+/// then FMA them into every row (each row's 2 vectors loaded once per block).
 #[inline(always)]
 unsafe fn pair_step256<const MR: usize, const NR: usize>(
     acc: &mut [[__m256; NR]; MR],
     xd: *const f32,
     kp: usize,
     kk: usize,
-    wv: [__m256i; NR],
+    wv: &[__m256i; NR],
 ) {
     let high = _mm256_set1_epi32(0xffff_0000u32 as i32);
     let mut we = [_mm256_setzero_ps(); NR];
@@ -573,51 +574,12 @@ unsafe fn pair_step256<const MR: usize, const NR: usize>(
     }
 }
 
-/// bf16 weights on AVX2: the pair trick of [`tile512_bf16`] with 16-weight blocks (lane l
-/// sums k ≡ 2l, 2l+1 mod 16), then one 8-lane tree per output.
+/// The same block, rows first: load every row's 2 vectors, then widen one weight row at a
+/// time and use it for every row. For 1 × 8 and 2 × 4 tiles (8 accumulators, 2·MR row
+/// vectors and one widened weight pair in registers, where the weights-first order would
+/// hold 2·NR widened vectors and spill). Same products in the same order.
 #[inline(always)]
-unsafe fn tile256_bf16<const MR: usize, const NR: usize>(
-    xd: *const f32,
-    kp: usize,
-    k: usize,
-    w: *const u16,
-    bias: Option<&[f32]>,
-    out: *mut f32,
-    ldo: usize,
-    j0: usize,
-) {
-    let mut acc = [[_mm256_setzero_ps(); NR]; MR];
-    let full = k / 16 * 16;
-    let mut kk = 0;
-    while kk < full {
-        let mut wv = [_mm256_setzero_si256(); NR];
-        let pf = (w as *const u8).add(PREFETCH_AHEAD_BYTES + kk / 16 * NR * 32);
-        for c in 0..NR {
-            _mm_prefetch::<_MM_HINT_T1>(pf.add(c * 32) as *const i8);
-            wv[c] = _mm256_loadu_si256(w.add(c * k + kk) as *const __m256i);
-        }
-        pair_step256::<MR, NR>(&mut acc, xd, kp, kk, wv);
-        kk += 16;
-    }
-    if full < k {
-        // No 16-bit masked loads on AVX2: copy the tail, zero-padded.
-        let mut wv = [_mm256_setzero_si256(); NR];
-        for c in 0..NR {
-            let mut tail = [0u16; 16];
-            for t in full..k {
-                tail[t - full] = *w.add(c * k + t);
-            }
-            wv[c] = _mm256_loadu_si256(tail.as_ptr() as *const __m256i);
-        }
-        pair_step256::<MR, NR>(&mut acc, xd, kp, full, wv);
-    }
-    store_sums(&acc, bias, out, ldo, j0);
-}
-
-/// One 16-weight block of [`tile256_bf16_wide`]: the rows first, then each weight row
-/// widened and used for every row.
-#[inline(always)]
-unsafe fn wide_step256<const MR: usize, const NR: usize>(
+unsafe fn rows_first_step256<const MR: usize, const NR: usize>(
     acc: &mut [[__m256; NR]; MR],
     xd: *const f32,
     kp: usize,
@@ -637,12 +599,11 @@ unsafe fn wide_step256<const MR: usize, const NR: usize>(
     }
 }
 
-/// [`tile256_bf16`] with the activations loaded before the weights: `MR` rows × `NR`
-/// outputs for one or two rows (8 accumulators + the rows' 2·MR vectors + one widened
-/// weight pair stay in registers, where [`pair_step256`]'s all-weights-first order would
-/// spill for 8 outputs). Same products in the same order as [`tile256_bf16`].
+/// bf16 weights on AVX2: the pair trick of [`tile512_bf16`] with 16-weight blocks (lane l
+/// sums k ≡ 2l, 2l+1 mod 16), then one 8-lane tree per output ([`store_sums`]). Each block
+/// by [`pair_step256`] or, with `ROWS_FIRST`, [`rows_first_step256`] (same bits).
 #[inline(always)]
-unsafe fn tile256_bf16_wide<const MR: usize, const NR: usize>(
+unsafe fn tile256_bf16<const MR: usize, const NR: usize, const ROWS_FIRST: bool>(
     xd: *const f32,
     kp: usize,
     k: usize,
@@ -652,13 +613,26 @@ unsafe fn tile256_bf16_wide<const MR: usize, const NR: usize>(
     ldo: usize,
     j0: usize,
 ) {
+    let step = |acc: &mut [[__m256; NR]; MR], kk: usize, wv: &[__m256i; NR]| {
+        if ROWS_FIRST {
+            rows_first_step256::<MR, NR>(acc, xd, kp, kk, wv)
+        } else {
+            pair_step256::<MR, NR>(acc, xd, kp, kk, wv)
+        }
+    };
     let mut acc = [[_mm256_setzero_ps(); NR]; MR];
     let full = k / 16 * 16;
     let mut kk = 0;
     while kk < full {
-        let wv: [__m256i; NR] =
-            core::array::from_fn(|c| _mm256_loadu_si256(w.add(c * k + kk) as *const __m256i));
-        wide_step256::<MR, NR>(&mut acc, xd, kp, kk, &wv);
+        let mut wv = [_mm256_setzero_si256(); NR];
+        let pf = (w as *const u8).add(PREFETCH_AHEAD_BYTES + kk / 16 * NR * 32);
+        for c in 0..NR {
+            if !ROWS_FIRST {
+                _mm_prefetch::<_MM_HINT_T1>(pf.add(c * 32) as *const i8);
+            }
+            wv[c] = _mm256_loadu_si256(w.add(c * k + kk) as *const __m256i);
+        }
+        step(&mut acc, kk, &wv);
         kk += 16;
     }
     if full < k {
@@ -671,7 +645,7 @@ unsafe fn tile256_bf16_wide<const MR: usize, const NR: usize>(
         }
         let wv: [__m256i; NR] =
             core::array::from_fn(|c| _mm256_loadu_si256(tail[c].as_ptr() as *const __m256i));
-        wide_step256::<MR, NR>(&mut acc, xd, kp, full, &wv);
+        step(&mut acc, full, &wv);
     }
     store_sums(&acc, bias, out, ldo, j0);
 }
@@ -720,33 +694,33 @@ pub(crate) unsafe fn matmul_bf16_avx2_paired(
                     (4, 8) => {
                         for j in [0, 2, 4, 6] {
                             let (wp, o, jj) = at(j);
-                            tile256_bf16::<4, 2>(xr, kp, k, wp, bias, o, ldo, jj);
+                            tile256_bf16::<4, 2, false>(xr, kp, k, wp, bias, o, ldo, jj);
                         }
                     }
                     (3, 8) => {
                         for j in [0, 2, 4, 6] {
                             let (wp, o, jj) = at(j);
-                            tile256_bf16::<3, 2>(xr, kp, k, wp, bias, o, ldo, jj);
+                            tile256_bf16::<3, 2, false>(xr, kp, k, wp, bias, o, ldo, jj);
                         }
                     }
                     (2, 8) => {
                         for j in [0, 4] {
                             let (wp, o, jj) = at(j);
-                            tile256_bf16_wide::<2, 4>(xr, kp, k, wp, bias, o, ldo, jj);
+                            tile256_bf16::<2, 4, true>(xr, kp, k, wp, bias, o, ldo, jj);
                         }
                     }
                     (_, 8) => {
                         let (wp, o, jj) = at(0);
-                        tile256_bf16_wide::<1, 8>(xr, kp, k, wp, bias, o, ldo, jj);
+                        tile256_bf16::<1, 8, true>(xr, kp, k, wp, bias, o, ldo, jj);
                     }
-                    (4, 2) => tile256_bf16::<4, 2>(xr, kp, k, at(0).0, bias, op, ldo, j0),
-                    (4, _) => tile256_bf16::<4, 1>(xr, kp, k, at(0).0, bias, op, ldo, j0),
-                    (3, 2) => tile256_bf16::<3, 2>(xr, kp, k, at(0).0, bias, op, ldo, j0),
-                    (3, _) => tile256_bf16::<3, 1>(xr, kp, k, at(0).0, bias, op, ldo, j0),
-                    (2, 2) => tile256_bf16::<2, 2>(xr, kp, k, at(0).0, bias, op, ldo, j0),
-                    (2, _) => tile256_bf16::<2, 1>(xr, kp, k, at(0).0, bias, op, ldo, j0),
-                    (_, 2) => tile256_bf16::<1, 2>(xr, kp, k, at(0).0, bias, op, ldo, j0),
-                    _ => tile256_bf16::<1, 1>(xr, kp, k, at(0).0, bias, op, ldo, j0),
+                    (4, 2) => tile256_bf16::<4, 2, false>(xr, kp, k, at(0).0, bias, op, ldo, j0),
+                    (4, _) => tile256_bf16::<4, 1, false>(xr, kp, k, at(0).0, bias, op, ldo, j0),
+                    (3, 2) => tile256_bf16::<3, 2, false>(xr, kp, k, at(0).0, bias, op, ldo, j0),
+                    (3, _) => tile256_bf16::<3, 1, false>(xr, kp, k, at(0).0, bias, op, ldo, j0),
+                    (2, 2) => tile256_bf16::<2, 2, false>(xr, kp, k, at(0).0, bias, op, ldo, j0),
+                    (2, _) => tile256_bf16::<2, 1, false>(xr, kp, k, at(0).0, bias, op, ldo, j0),
+                    (_, 2) => tile256_bf16::<1, 2, false>(xr, kp, k, at(0).0, bias, op, ldo, j0),
+                    _ => tile256_bf16::<1, 1, false>(xr, kp, k, at(0).0, bias, op, ldo, j0),
                 }
                 i0 += mr;
             }
