@@ -168,6 +168,7 @@ mod tests {
         }
         assert!(worst < 3e-7, "worst relative error {worst}");
         // Far below: clamped to 2^-125 (normal), never NaN or negative.
+        // SAFETY: as above.
         let tiny = unsafe {
             let mut out = [0f32; 8];
             _mm256_storeu_ps(
