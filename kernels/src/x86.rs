@@ -547,6 +547,17 @@ unsafe fn tile256<W: WeightElem, const MR: usize, const NR: usize>(
     }
 }
 
+/// 16 bf16 weights read as 8 32-bit pairs, widened to f32 without unpacking: the even
+/// weights (low halves shifted up) and the odd ones (high halves with the low bits cleared).
+#[inline(always)]
+unsafe fn widen_pairs256(v: __m256i) -> (__m256, __m256) {
+    let high = _mm256_set1_epi32(0xffff_0000u32 as i32);
+    (
+        _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)),
+        _mm256_castsi256_ps(_mm256_and_si256(v, high)),
+    )
+}
+
 /// One 16-weight block of [`tile256_bf16`], weights first: widen the `NR` weight rows,
 /// then FMA them into every row (each row's 2 vectors loaded once per block).
 #[inline(always)]
@@ -557,12 +568,10 @@ unsafe fn pair_step256<const MR: usize, const NR: usize>(
     kk: usize,
     wv: &[__m256i; NR],
 ) {
-    let high = _mm256_set1_epi32(0xffff_0000u32 as i32);
     let mut we = [_mm256_setzero_ps(); NR];
     let mut wo = [_mm256_setzero_ps(); NR];
     for c in 0..NR {
-        we[c] = _mm256_castsi256_ps(_mm256_slli_epi32(wv[c], 16));
-        wo[c] = _mm256_castsi256_ps(_mm256_and_si256(wv[c], high));
+        (we[c], wo[c]) = widen_pairs256(wv[c]);
     }
     for r in 0..MR {
         let xe = _mm256_loadu_ps(xd.add(r * kp + kk));
@@ -586,12 +595,10 @@ unsafe fn rows_first_step256<const MR: usize, const NR: usize>(
     kk: usize,
     wv: &[__m256i; NR],
 ) {
-    let high = _mm256_set1_epi32(0xffff_0000u32 as i32);
     let xe: [__m256; MR] = core::array::from_fn(|r| _mm256_loadu_ps(xd.add(r * kp + kk)));
     let xo: [__m256; MR] = core::array::from_fn(|r| _mm256_loadu_ps(xd.add(r * kp + kk + 8)));
     for c in 0..NR {
-        let we = _mm256_castsi256_ps(_mm256_slli_epi32(wv[c], 16));
-        let wo = _mm256_castsi256_ps(_mm256_and_si256(wv[c], high));
+        let (we, wo) = widen_pairs256(wv[c]);
         for r in 0..MR {
             acc[r][c] = _mm256_fmadd_ps(xe[r], we, acc[r][c]);
             acc[r][c] = _mm256_fmadd_ps(xo[r], wo, acc[r][c]);
