@@ -8,8 +8,8 @@
 //! f32 or f64 accumulator, written to be obviously right) beside the *fast* variant that the
 //! engine calls. Tests compare fast against reference on odd shapes, ggml test-backend-ops
 //! style. Activations are f32; weights are read as stored (bf16, f16 or f32) and widened in
-//! registers, never repacked at load (the AVX2 many-row GEMM widens ≤ 1 MiB panels per
-//! call).
+//! registers (the AVX2 many-row GEMM widens ≤ 1 MiB panels per call); bf16 weights may be
+//! repacked once into 16-output panels ([`packed`]) for the AVX2 few-row kernel.
 #![no_std]
 
 extern crate alloc;
@@ -60,6 +60,7 @@ pub mod elementwise;
 pub mod math;
 pub mod matmul;
 pub mod norm;
+pub mod packed;
 pub mod reference;
 pub mod rope;
 #[cfg(target_arch = "x86_64")]

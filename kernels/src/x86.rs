@@ -15,7 +15,9 @@ use core::arch::x86_64::*;
 use crate::{WKind, WeightElem};
 
 mod gemm;
-pub use gemm::gemm_avx2;
+mod panels;
+pub use gemm::{gemm_avx2, gemm_avx2_panels};
+pub use panels::matmul_panels_avx2;
 
 // ---------------------------------------------------------------- AVX-512
 

@@ -25,6 +25,7 @@
 use core::arch::x86_64::*;
 
 use super::load8;
+use crate::packed::{k_block, PackedBf16, PANEL};
 use crate::WeightElem;
 
 /// Activation rows per register tile.
@@ -212,6 +213,91 @@ pub unsafe fn gemm_avx2<W: WeightElem>(
         x.len() >= m * k && w.len() >= n * k,
         "gemm_avx2: operand too short"
     );
+    gemm(x, m, k, Stored(w.as_ptr(), k), n, bias, out, ldo)
+}
+
+/// [`gemm_avx2`] for columns `n0..n1` of panel weights ([`crate::packed`]), `n0` on a panel
+/// boundary; column 0 of `out` is output `n0`. Same bits as [`gemm_avx2`] on the weights as
+/// stored (the panels are widened into the same f32 panels).
+///
+/// # Safety
+/// As [`gemm_avx2`]; `x` must hold `m` rows of `w.k()`, `n0 % 16 == 0`, `n0 ≤ n1 ≤ w.n()`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn gemm_avx2_panels(
+    x: &[f32],
+    m: usize,
+    w: &PackedBf16,
+    n0: usize,
+    n1: usize,
+    bias: Option<&[f32]>,
+    out: *mut f32,
+    ldo: usize,
+) {
+    let k = w.k();
+    assert!(x.len() >= m * k, "gemm_avx2: operand too short");
+    assert!(
+        n0.is_multiple_of(PANEL) && n0 <= n1 && n1 <= w.n(),
+        "gemm_avx2_panels: columns"
+    );
+    let src = Panels(w.panels_from(n0 / PANEL).as_ptr(), PackedBf16::panel_len(k));
+    gemm(x, m, k, src, n1 - n0, bias, out, ldo)
+}
+
+/// Where the GEMM's f32 panels come from: weights as stored, or repacked panels.
+trait PanelSource: Copy {
+    /// Panel of outputs `j0 .. j0 + nr` (`j0` a multiple of 16), k `pc .. pc + kc`, into
+    /// `dst` (`kc × 16`, k-major, zero for outputs ≥ `nr`).
+    unsafe fn pack(self, j0: usize, nr: usize, pc: usize, kc: usize, dst: *mut f32);
+}
+
+/// Weights as stored: rows of `k`.
+#[derive(Clone, Copy)]
+struct Stored<W>(*const W, usize);
+
+impl<W: WeightElem> PanelSource for Stored<W> {
+    #[inline(always)]
+    unsafe fn pack(self, j0: usize, nr: usize, pc: usize, kc: usize, dst: *mut f32) {
+        pack_panel(self.0.add(j0 * self.1), self.1, nr, pc, kc, dst)
+    }
+}
+
+/// Repacked panels (`u32` pairs), `panel_len` apart; padding outputs are zero already.
+#[derive(Clone, Copy)]
+struct Panels(*const u32, usize);
+
+impl PanelSource for Panels {
+    #[inline(always)]
+    unsafe fn pack(self, j0: usize, _nr: usize, pc: usize, kc: usize, dst: *mut f32) {
+        let panel = self.0.add(j0 / PANEL * self.1);
+        // pc is a multiple of 8: the block starts on a pair.
+        for q in pc / 2..(pc + kc).div_ceil(2) {
+            let (e0, o0) =
+                super::widen_pairs256(_mm256_loadu_si256(panel.add(q * PANEL) as *const __m256i));
+            let (e1, o1) = super::widen_pairs256(_mm256_loadu_si256(
+                panel.add(q * PANEL + 8) as *const __m256i
+            ));
+            let row = dst.add((2 * q - pc) * NR);
+            _mm256_storeu_ps(row, e0);
+            _mm256_storeu_ps(row.add(8), e1);
+            if 2 * q + 1 < pc + kc {
+                _mm256_storeu_ps(row.add(NR), o0);
+                _mm256_storeu_ps(row.add(NR + 8), o1);
+            }
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn gemm<S: PanelSource>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: S,
+    n: usize,
+    bias: Option<&[f32]>,
+    out: *mut f32,
+    ldo: usize,
+) {
     assert!(
         bias.is_none_or(|b| b.len() >= n),
         "gemm_avx2: bias too short"
@@ -219,7 +305,7 @@ pub unsafe fn gemm_avx2<W: WeightElem>(
     if m == 0 || n == 0 {
         return;
     }
-    let (x, w) = (x.as_ptr(), w.as_ptr());
+    let x = x.as_ptr();
     if k == 0 {
         for i in 0..m {
             for j in 0..n {
@@ -229,8 +315,9 @@ pub unsafe fn gemm_avx2<W: WeightElem>(
         return;
     }
     // k blocks of equal size, at most KC (896 = 4 × 224, not 3 × 256 + 128: a short block
-    // pays a tile's fixed costs for half the products).
-    let kc_step = k.div_ceil(k.div_ceil(KC)).next_multiple_of(8).min(KC);
+    // pays a tile's fixed costs for half the products); the panel kernels use the same.
+    let kc_step = k_block(k);
+    debug_assert!(kc_step <= KC);
     let mut packed = alloc::vec![0f32; NC.min(n.next_multiple_of(NR)) * kc_step];
     let packed = packed.as_mut_ptr();
     for jc in (0..n).step_by(NC) {
@@ -240,14 +327,7 @@ pub unsafe fn gemm_avx2<W: WeightElem>(
             let kc = kc_step.min(k - pc);
             for p in 0..panels {
                 let nr = NR.min(nc - p * NR);
-                pack_panel(
-                    w.add((jc + p * NR) * k),
-                    k,
-                    nr,
-                    pc,
-                    kc,
-                    packed.add(p * kc * NR),
-                );
+                w.pack(jc + p * NR, nr, pc, kc, packed.add(p * kc * NR));
             }
             let (first, last) = (pc == 0, pc + kc == k);
             for ic in (0..m).step_by(MC) {
