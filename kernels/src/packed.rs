@@ -76,6 +76,11 @@ impl PackedBf16 {
         self.n
     }
 
+    /// Bytes of the panels (padding included).
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 4
+    }
+
     pub fn k(&self) -> usize {
         self.k
     }
@@ -119,20 +124,29 @@ pub fn pack_panels(w: &[bf16], n: usize, k: usize, p0: usize, dst: &mut [u32]) {
         p0 + dst.len() / len <= PackedBf16::panels(n),
         "pack_panels: panels past n"
     );
+    let pairs = k.div_ceil(2);
     for (i, panel) in dst.chunks_exact_mut(len).enumerate() {
-        for lane in 0..PANEL {
-            let j = (p0 + i) * PANEL + lane;
-            if j >= n {
-                for q in 0..k.div_ceil(2) {
-                    panel[q * PANEL + lane] = 0;
-                }
-                continue;
+        let j0 = (p0 + i) * PANEL;
+        let lanes = PANEL.min(n - j0);
+        // Written in order (a line per pair), read from 16 rows advancing together (writing
+        // a lane at a time touched a new line every 4 bytes).
+        let rows: [&[bf16]; PANEL] = core::array::from_fn(|l| {
+            if l < lanes {
+                &w[(j0 + l) * k..(j0 + l + 1) * k]
+            } else {
+                &[]
             }
-            let row = &w[j * k..(j + 1) * k];
-            for (q, pair) in row.chunks(2).enumerate() {
-                let lo = pair[0].to_bits() as u32;
-                let hi = pair.get(1).map_or(0, |h| h.to_bits() as u32);
-                panel[q * PANEL + lane] = lo | hi << 16;
+        });
+        for (q, line) in panel.chunks_exact_mut(PANEL).enumerate().take(pairs) {
+            for (lane, out) in line.iter_mut().enumerate() {
+                *out = if lane < lanes {
+                    let row = rows[lane];
+                    let lo = row[2 * q].to_bits() as u32;
+                    let hi = row.get(2 * q + 1).map_or(0, |h| h.to_bits() as u32);
+                    lo | hi << 16
+                } else {
+                    0
+                };
             }
         }
     }
