@@ -488,6 +488,10 @@ fn matmul_any(
         WData::BF16(s) => matmul(isa, x, m, k, &s[n0 * k..n1 * k], n1 - n0, b, out, ldo),
         WData::F16(s) => matmul(isa, x, m, k, &s[n0 * k..n1 * k], n1 - n0, b, out, ldo),
         WData::F32(s) => matmul(isa, x, m, k, &s[n0 * k..n1 * k], n1 - n0, b, out, ldo),
+        // Panels are read by the f32 FMA kernels whatever the bf16 mode.
+        WData::Packed(p) => {
+            dvl_kernels::packed::matmul_packed(isa, x, m, k, p, n0, n1, b, out, ldo)
+        }
     }
 }
 
@@ -501,11 +505,11 @@ fn put_columns(out: &mut [f32], n: usize, n0: usize, piece: &[f32], rows: usize)
     }
 }
 
-/// Columns `n0..n1` of `x · Wᵀ` into `out` (rows `n1 − n0` apart), from `paired` rows where
-/// the caller prepared them ([`CpuBackend::paired_rows`]), else as [`matmul_any`].
+/// Columns `n0..n1` of `x · Wᵀ` into `out` (rows `n1 − n0` apart), from rows `prepared` where
+/// the caller prepared them ([`CpuBackend::prepared_rows`]), else as [`matmul_any`].
 #[allow(clippy::too_many_arguments)]
 fn matmul_prepared(
-    paired: Option<&dvl_kernels::matmul::PairedRows>,
+    prepared: Option<&PreparedRows>,
     (isa, bf16): (Isa, Bf16Kernel),
     x: &[f32],
     m: usize,
@@ -515,11 +519,21 @@ fn matmul_prepared(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    match (paired, w) {
-        (Some(p), WData::BF16(s)) => dvl_kernels::matmul::matmul_bf16_paired(
+    match (prepared, w) {
+        (Some(PreparedRows::Paired(p)), WData::BF16(s)) => dvl_kernels::matmul::matmul_bf16_paired(
             p,
             &s[n0 * k..n1 * k],
             n1 - n0,
+            bias.map(|b| &b[n0..n1]),
+            out,
+            n1 - n0,
+        ),
+        (Some(PreparedRows::Panels(r)), WData::Packed(p)) => dvl_kernels::packed::matmul_panels(
+            isa,
+            r,
+            p,
+            n0,
+            n1,
             bias.map(|b| &b[n0..n1]),
             out,
             n1 - n0,
@@ -528,26 +542,41 @@ fn matmul_prepared(
     }
 }
 
+/// A matmul's rows prepared once for the pieces of a split: paired for the bf16 FMA
+/// kernels on weights as stored, or in groups for panel weights.
+enum PreparedRows {
+    Paired(dvl_kernels::matmul::PairedRows),
+    Panels(dvl_kernels::packed::PanelRows),
+}
+
 impl CpuBackend {
     /// The rows of `x` prepared once for the f32-activation bf16 kernels, where a matmul's
-    /// pieces would each prepare them ([`dvl_kernels::matmul::PairedRows`]); `None` for
-    /// other kernels and weight types.
-    fn paired_rows(
+    /// pieces would each prepare them ([`dvl_kernels::matmul::PairedRows`],
+    /// [`dvl_kernels::packed::PanelRows`]); `None` for other kernels and weight types.
+    fn prepared_rows(
         &self,
         bf16: Bf16Kernel,
         x: &[f32],
         m: usize,
         k: usize,
         w: WData<'_>,
-    ) -> Option<dvl_kernels::matmul::PairedRows> {
+    ) -> Option<PreparedRows> {
         match (bf16, w) {
+            (_, WData::Packed(_)) => Some(PreparedRows::Panels(
+                dvl_kernels::packed::PanelRows::new(x, m, k),
+            )),
             (Bf16Kernel::F32, WData::BF16(_)) => {
-                dvl_kernels::matmul::PairedRows::new(self.isa, x, m, k)
+                dvl_kernels::matmul::PairedRows::new(self.isa, x, m, k).map(PreparedRows::Paired)
             }
             _ => None,
         }
     }
 }
+
+/// Column pieces of few-row splits are multiples of this: panel weights are computed a whole
+/// 16-output panel at a time (a piece ending inside one would compute it again).
+#[cfg(feature = "std")]
+const COLUMN_PIECE: usize = dvl_kernels::packed::PANEL;
 
 /// Few-row matmuls of one input on the FMA kernels, as one pool region each: a denoising
 /// step's q/k/v and SwiGLU were five regions (k and v, 8 × 896 × 128 for 0.5B, too small to
@@ -579,14 +608,14 @@ impl CpuBackend {
             return false;
         };
         let (isa, bf16) = (self.isa, self.kernel_for(m, k));
-        let paired = projs
+        let prepared = projs
             .iter()
-            .find_map(|p| self.paired_rows(bf16, x, m, k, p.w));
+            .find_map(|p| self.prepared_rows(bf16, x, m, k, p.w));
         let specs: Vec<(WData<'_>, usize, Option<&[f32]>)> =
             projs.iter().map(|p| (p.w, p.n, p.bias)).collect();
         let chunk = total
             .div_ceil(pool.current_num_threads() * 4)
-            .next_multiple_of(4);
+            .next_multiple_of(COLUMN_PIECE);
         // (projection, first column, m × width values) per piece and projection it touches.
         let pieces: Vec<Vec<(usize, usize, Vec<f32>)>> = pool.install(|| {
             (0..total.div_ceil(chunk))
@@ -604,7 +633,7 @@ impl CpuBackend {
                             let mut buf = vec![0f32; m * (n1 - n0)];
                             let mode = (isa, bf16);
                             matmul_prepared(
-                                paired.as_ref(),
+                                prepared.as_ref(),
                                 mode,
                                 x,
                                 m,
@@ -648,12 +677,12 @@ impl CpuBackend {
             return false;
         };
         let (isa, bf16) = (self.isa, self.kernel_for(m, k));
-        let paired = self
-            .paired_rows(bf16, x, m, k, gate.0)
-            .or_else(|| self.paired_rows(bf16, x, m, k, up.0));
+        let prepared = self
+            .prepared_rows(bf16, x, m, k, gate.0)
+            .or_else(|| self.prepared_rows(bf16, x, m, k, up.0));
         let chunk = n
             .div_ceil(pool.current_num_threads() * 4)
-            .next_multiple_of(4);
+            .next_multiple_of(COLUMN_PIECE);
         let pieces: Vec<(usize, Vec<f32>)> = pool.install(|| {
             (0..n.div_ceil(chunk))
                 .into_par_iter()
@@ -661,7 +690,7 @@ impl CpuBackend {
                     let cols = (c * chunk, ((c + 1) * chunk).min(n));
                     let width = cols.1 - cols.0;
                     let (mut g, mut u) = (vec![0f32; m * width], vec![0f32; m * width]);
-                    let p = paired.as_ref();
+                    let p = prepared.as_ref();
                     matmul_prepared(p, (isa, bf16), x, m, k, gate.0, cols, gate.1, &mut g);
                     matmul_prepared(p, (isa, bf16), x, m, k, up.0, cols, up.1, &mut u);
                     dvl_kernels::elementwise::silu_mul_isa(isa, &mut g, &u);
@@ -986,7 +1015,7 @@ impl CpuBackend {
         bias: Option<&[f32]>,
         out: &mut [f32],
     ) {
-        use dvl_kernels::x86::gemm_avx2;
+        use dvl_kernels::x86::{gemm_avx2, gemm_avx2_panels};
         assert!(self.isa == Isa::Avx2, "matmul_many_rows: AVX2 only");
         assert!(out.len() >= m * n, "matmul: output too short");
         assert!(bias.is_none_or(|b| b.len() >= n), "matmul: bias too short");
@@ -1000,6 +1029,8 @@ impl CpuBackend {
                 WData::BF16(s) => gemm_avx2(x, m, k, &s[n0 * k..n1 * k], n1 - n0, b, o, n),
                 WData::F16(s) => gemm_avx2(x, m, k, &s[n0 * k..n1 * k], n1 - n0, b, o, n),
                 WData::F32(s) => gemm_avx2(x, m, k, &s[n0 * k..n1 * k], n1 - n0, b, o, n),
+                // Pieces are whole panels (many_rows_piece), so n0 is on a panel boundary.
+                WData::Packed(p) => gemm_avx2_panels(x, m, p, n0, n1, b, o, n),
             }
         };
         #[cfg(feature = "std")]
@@ -1074,8 +1105,8 @@ impl Backend for CpuBackend {
                 // Few rows (denoising step): split weight rows so each thread streams its
                 // share of the weights once. The rows are prepared for the kernel once, not
                 // per piece (an 8 × 4864 down projection spent ~15% of its time on that).
-                let chunk = n.div_ceil(threads * 4).next_multiple_of(4);
-                let paired = self.paired_rows(bf16, x, m, k, w);
+                let chunk = n.div_ceil(threads * 4).next_multiple_of(COLUMN_PIECE);
+                let prepared = self.prepared_rows(bf16, x, m, k, w);
                 let pieces: Vec<(usize, Vec<f32>)> = pool.install(|| {
                     (0..n.div_ceil(chunk))
                         .into_par_iter()
@@ -1083,7 +1114,7 @@ impl Backend for CpuBackend {
                             let (n0, n1) = (p * chunk, ((p + 1) * chunk).min(n));
                             let mut buf = vec![0f32; m * (n1 - n0)];
                             matmul_prepared(
-                                paired.as_ref(),
+                                prepared.as_ref(),
                                 (isa, bf16),
                                 x,
                                 m,
@@ -1280,7 +1311,7 @@ impl Backend for CpuBackend {
             .as_ref()
             .and_then(dvl_kernels::amx::unmask::UnmaskActs::new);
         // The FMA kernels' rows, prepared once for all slices.
-        let paired = self.paired_rows(bf16, hn, rows, k, w);
+        let prepared = self.prepared_rows(bf16, hn, rows, k, w);
         // `z`: a thread's logits buffer, reused for each of its slices.
         let slice = |z: &mut Vec<f32>, c: usize| -> Vec<ArgmaxPartial> {
             let (n0, n1) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
@@ -1327,7 +1358,7 @@ impl Backend for CpuBackend {
             let on_tiles = false;
             if !on_tiles {
                 let mode = (isa, bf16);
-                matmul_prepared(paired.as_ref(), mode, hn, rows, k, w, (n0, n1), None, z);
+                matmul_prepared(prepared.as_ref(), mode, hn, rows, k, w, (n0, n1), None, z);
             }
             z.chunks_exact(n1 - n0)
                 .map(|zr| ArgmaxPartial::of_isa(isa, zr, n0, never))
@@ -1459,6 +1490,20 @@ impl Backend for CpuBackend {
 #[cfg(all(test, feature = "std"))]
 mod tests {
     use super::*;
+    use dvl_kernels::packed::PackedBf16;
+
+    /// `w` as stored, or its panels `p`.
+    fn stored_or_panels<'a>(
+        panels: bool,
+        w: &'a [dvl_kernels::bf16],
+        p: &'a PackedBf16,
+    ) -> WData<'a> {
+        if panels {
+            WData::Packed(p)
+        } else {
+            WData::BF16(w)
+        }
+    }
 
     /// The trait's default (scalar, single-threaded) element-wise methods.
     struct Defaults;
@@ -1559,66 +1604,101 @@ mod tests {
                         weights(n, k, 5),
                     );
                     let (bq, bk, bu) = (rand_vec(n, 6), rand_vec(kv, 7), rand_vec(n, 8));
-                    // q and k with biases, v without: one matmul each, then all at once.
-                    let mut want = [vec![0f32; m * n], vec![0f32; m * kv], vec![0f32; m * kv]];
-                    be.matmul(&x, m, k, WData::BF16(&wq), n, Some(&bq), &mut want[0]);
-                    be.matmul(&x, m, k, WData::BF16(&wk), kv, Some(&bk), &mut want[1]);
-                    be.matmul(&x, m, k, WData::BF16(&wv), kv, None, &mut want[2]);
-                    let mut got = [vec![1f32; m * n], vec![1f32; m * kv], vec![1f32; m * kv]];
-                    let [q, kk, v] = &mut got;
-                    be.matmul_many(
-                        &x,
-                        m,
-                        k,
-                        &mut [
-                            Projection {
-                                w: WData::BF16(&wq),
-                                n,
-                                bias: Some(&bq),
-                                out: q,
-                            },
-                            Projection {
-                                w: WData::BF16(&wk),
-                                n: kv,
-                                bias: Some(&bk),
-                                out: kk,
-                            },
-                            Projection {
-                                w: WData::BF16(&wv),
-                                n: kv,
-                                bias: None,
-                                out: v,
-                            },
-                        ],
-                    );
-                    for (name, (g, w)) in ["q", "k", "v"].iter().zip(got.iter().zip(&want)) {
-                        assert_eq!(bits(g), bits(w), "matmul_many {name}: {what}");
-                    }
-                    for bias in [false, true] {
-                        let (bg, bu) = if bias {
-                            (Some(&bq[..]), Some(&bu[..]))
-                        } else {
-                            (None, None)
-                        };
-                        let (gate, up) = ((WData::BF16(&wq), bg), (WData::BF16(&wu), bu));
-                        let (mut g, mut u) = (vec![0f32; m * n], vec![0f32; m * n]);
-                        be.matmul(&x, m, k, gate.0, n, gate.1, &mut g);
-                        be.matmul(&x, m, k, up.0, n, up.1, &mut u);
-                        be.silu_mul(&mut g, &u);
-                        let mut fused = vec![1f32; m * n];
-                        be.matmul_swiglu(&x, m, k, gate, up, n, &mut fused);
-                        assert_eq!(
-                            bits(&fused),
-                            bits(&g),
-                            "matmul_swiglu (bias {bias}): {what}"
+                    // The weights as stored, and repacked into panels.
+                    let pack = |w: &[dvl_kernels::bf16], rows| PackedBf16::new(w, rows, k);
+                    let (pq, pk, pv, pu) =
+                        (pack(&wq, n), pack(&wk, kv), pack(&wv, kv), pack(&wu, n));
+                    for panels in [false, true] {
+                        let what = format!("{what}, panels {panels}");
+
+                        // q and k with biases, v without: one matmul each, then all at once.
+                        let mut want = [vec![0f32; m * n], vec![0f32; m * kv], vec![0f32; m * kv]];
+                        be.matmul(
+                            &x,
+                            m,
+                            k,
+                            stored_or_panels(panels, &wq, &pq),
+                            n,
+                            Some(&bq),
+                            &mut want[0],
                         );
-                        let mut single = vec![1f32; m * n];
-                        one.matmul_swiglu(&x, m, k, gate, up, n, &mut single);
-                        assert_eq!(
-                            bits(&fused),
-                            bits(&single),
-                            "matmul_swiglu, 1 thread: {what}"
+                        be.matmul(
+                            &x,
+                            m,
+                            k,
+                            stored_or_panels(panels, &wk, &pk),
+                            kv,
+                            Some(&bk),
+                            &mut want[1],
                         );
+                        be.matmul(
+                            &x,
+                            m,
+                            k,
+                            stored_or_panels(panels, &wv, &pv),
+                            kv,
+                            None,
+                            &mut want[2],
+                        );
+                        let mut got = [vec![1f32; m * n], vec![1f32; m * kv], vec![1f32; m * kv]];
+                        let [q, kk, v] = &mut got;
+                        be.matmul_many(
+                            &x,
+                            m,
+                            k,
+                            &mut [
+                                Projection {
+                                    w: stored_or_panels(panels, &wq, &pq),
+                                    n,
+                                    bias: Some(&bq),
+                                    out: q,
+                                },
+                                Projection {
+                                    w: stored_or_panels(panels, &wk, &pk),
+                                    n: kv,
+                                    bias: Some(&bk),
+                                    out: kk,
+                                },
+                                Projection {
+                                    w: stored_or_panels(panels, &wv, &pv),
+                                    n: kv,
+                                    bias: None,
+                                    out: v,
+                                },
+                            ],
+                        );
+                        for (name, (g, w)) in ["q", "k", "v"].iter().zip(got.iter().zip(&want)) {
+                            assert_eq!(bits(g), bits(w), "matmul_many {name}: {what}");
+                        }
+                        for bias in [false, true] {
+                            let (bg, bu) = if bias {
+                                (Some(&bq[..]), Some(&bu[..]))
+                            } else {
+                                (None, None)
+                            };
+                            let (gate, up) = (
+                                (stored_or_panels(panels, &wq, &pq), bg),
+                                (stored_or_panels(panels, &wu, &pu), bu),
+                            );
+                            let (mut g, mut u) = (vec![0f32; m * n], vec![0f32; m * n]);
+                            be.matmul(&x, m, k, gate.0, n, gate.1, &mut g);
+                            be.matmul(&x, m, k, up.0, n, up.1, &mut u);
+                            be.silu_mul(&mut g, &u);
+                            let mut fused = vec![1f32; m * n];
+                            be.matmul_swiglu(&x, m, k, gate, up, n, &mut fused);
+                            assert_eq!(
+                                bits(&fused),
+                                bits(&g),
+                                "matmul_swiglu (bias {bias}): {what}"
+                            );
+                            let mut single = vec![1f32; m * n];
+                            one.matmul_swiglu(&x, m, k, gate, up, n, &mut single);
+                            assert_eq!(
+                                bits(&fused),
+                                bits(&single),
+                                "matmul_swiglu, 1 thread: {what}"
+                            );
+                        }
                     }
                 }
             }
@@ -1641,10 +1721,12 @@ mod tests {
             w32.iter().map(|&v| dvl_kernels::f16::from_f32(v)).collect();
         let bias = rand_vec(n, 13);
         for isa in dvl_kernels::cpu::supported_isas() {
+            let panels = PackedBf16::new(&w16, n, k);
             for (name, w) in [
                 ("bf16", WData::BF16(&w16)),
                 ("f16", WData::F16(&wh)),
                 ("f32", WData::F32(&w32)),
+                ("bf16 panels", WData::Packed(&panels)),
             ] {
                 for b in [None, Some(&bias[..])] {
                     let mut want = vec![0f32; m * n];
@@ -1657,6 +1739,9 @@ mod tests {
                         }
                         WData::F32(s) => {
                             dvl_kernels::reference::matmul(&x, m, k, s, n, b, &mut want)
+                        }
+                        WData::Packed(_) => {
+                            dvl_kernels::reference::matmul(&x, m, k, &w16, n, b, &mut want)
                         }
                     }
                     let mut first: Option<Vec<f32>> = None;

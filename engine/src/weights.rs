@@ -12,6 +12,7 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
+use dvl_kernels::packed::PackedBf16;
 use half::{bf16, f16};
 
 use crate::error::{Error, Result};
@@ -62,12 +63,14 @@ impl TensorInfo {
     }
 }
 
-/// A tensor's elements, borrowed from the checkpoint.
+/// A tensor's elements, borrowed from the checkpoint, or a bf16 matrix repacked at load
+/// into 16-output panels for the AVX2 kernels ([`dvl_kernels::packed`]).
 #[derive(Clone, Copy)]
 pub enum WData<'a> {
     BF16(&'a [bf16]),
     F16(&'a [f16]),
     F32(&'a [f32]),
+    Packed(&'a PackedBf16),
 }
 
 impl WData<'_> {
@@ -76,6 +79,7 @@ impl WData<'_> {
             WData::BF16(s) => s.len(),
             WData::F16(s) => s.len(),
             WData::F32(s) => s.len(),
+            WData::Packed(p) => p.n() * p.k(),
         }
     }
 
@@ -97,6 +101,18 @@ impl WData<'_> {
                 .zip(&s[start..start + n])
                 .for_each(|(o, v)| *o = WeightElem::to_f32(*v)),
             WData::F32(s) => out.copy_from_slice(&s[start..start + n]),
+            WData::Packed(p) => {
+                assert!(start + n <= self.len(), "read_f32: past the matrix");
+                // Row by row: W[j][kk] for element j·k + kk.
+                let k = p.k().max(1);
+                let mut done = 0;
+                while done < n {
+                    let (j, kk) = ((start + done) / k, (start + done) % k);
+                    let len = (k - kk).min(n - done);
+                    p.read_row(j, kk, &mut out[done..done + len]);
+                    done += len;
+                }
+            }
         }
     }
 
@@ -516,5 +532,24 @@ mod tests {
         let s = store(b).unwrap();
         let v = s.data(s.info("a").unwrap()).to_f32_vec();
         assert_eq!(v, alloc::vec![1.0, 2.0]);
+    }
+
+    #[test]
+    fn panels_read_back_as_the_stored_elements() {
+        // Reads that start inside one output's row and run into the next ones.
+        let (n, k) = (19, 5);
+        let w: Vec<bf16> = (0..n * k)
+            .map(|i| bf16::from_f32(i as f32 - 40.0))
+            .collect();
+        let p = PackedBf16::new(&w, n, k);
+        let (stored, panels) = (WData::BF16(&w), WData::Packed(&p));
+        assert_eq!(panels.len(), stored.len());
+        assert_eq!(panels.to_f32_vec(), stored.to_f32_vec());
+        for (start, len) in [(0, 1), (3, 9), (k * 17 + 2, 8)] {
+            let (mut a, mut b) = (alloc::vec![0f32; len], alloc::vec![1f32; len]);
+            stored.read_f32(start, &mut a);
+            panels.read_f32(start, &mut b);
+            assert_eq!(a, b, "{start}+{len}");
+        }
     }
 }

@@ -85,8 +85,12 @@ fn request_of(g: &Value, from_pixels: bool) -> Option<Request> {
 enum Kernels {
     /// The default f32 path (on AMX machines: f32 activations as three bf16 terms on tiles).
     F32,
-    /// f32 with the AVX-512/AVX2 FMA kernels (AMX forbidden for f32).
+    /// f32 with the AVX-512/AVX2 FMA kernels (AMX forbidden for f32) on the weights as
+    /// stored.
     F32Fma,
+    /// f32 with the text decoder's weights repacked into panels (what `Engine::open` does
+    /// where AVX2 is the best ISA), whatever the CPU.
+    F32Panels,
     /// f32 with AMX tiles (three bf16 terms) for every few-row matmul, however short its
     /// rows (by default only rows of 256 and more, which the tiny models do not have).
     F32AmxAll,
@@ -109,9 +113,21 @@ fn check_case(
         eprintln!("skip {case}: model {model} not available");
         return errs;
     };
+    // Panels or the weights as stored: one engine per model and layout.
+    let packed = match kernels {
+        Kernels::F32Fma => Some(false),
+        Kernels::F32Panels => Some(true),
+        _ => None,
+    };
     let engine = engines
-        .entry(model.clone())
-        .or_insert_with(|| Engine::open(&dir).unwrap());
+        .entry(format!("{model} {packed:?}"))
+        .or_insert_with(|| {
+            let mut e = Engine::open(&dir).unwrap();
+            if let Some(p) = packed {
+                e.set_packed(p);
+            }
+            e
+        });
     let be = CpuBackend::with_threads(2)
         .unwrap()
         .with_f32_on_amx(kernels != Kernels::F32Fma)
@@ -362,6 +378,14 @@ fn every_golden_case_matches_from_fixture_pixels() {
 #[test]
 fn every_golden_case_matches_with_f32_fma_kernels() {
     run_all(true, Kernels::F32Fma)
+}
+
+/// The text decoder's weights repacked into 16-output panels: on x86-64 the AVX2 panel
+/// kernel (and, where AVX2 is the best ISA, the GEMM on panels), elsewhere the portable
+/// loop in the same order.
+#[test]
+fn every_golden_case_matches_with_panel_weights() {
+    run_all(true, Kernels::F32Panels)
 }
 
 /// Denoising-step matmuls on AMX tiles with f32 activations as three bf16 terms (what

@@ -28,7 +28,9 @@ tiles, on the FMA kernels). --json prints one
 object (ids, text, prompt_rows, forward_passes, timings); --dump DIR writes the fixture
 probe tensors to DIR/dump.safetensors. --repeat N runs the request N times on the loaded
 model and reports each stage's median time (for timing without the model and tokenizer
-load).";
+load). Where AVX2 is the CPU's best ISA the text decoder's bf16 weights are repacked into
+16-output panels at load (a copy of them; DVL_PACK=0 reads them as stored, DVL_PACK=1
+repacks on any CPU).";
 
 struct Args {
     flags: BTreeMap<String, Vec<String>>,
@@ -284,6 +286,7 @@ fn generate(args: &Args) -> Result<(), String> {
             "kernels": be.describe(),
             "bf16": be.bf16(),
             "amx": be.amx(),
+            "panels": engine.model.is_packed(),
             "timings": {
                 "preprocess_ms": g.timings.preprocess_ms, "vision_ms": g.timings.vision_ms,
                 "prefill_ms": g.timings.prefill_ms, "decode_ms": g.timings.decode_ms,
@@ -356,14 +359,20 @@ fn bench(args: &Args) -> Result<(), String> {
     let r = dvl::bench::run(&engine, &be, &cfg).map_err(|e| e.to_string())?;
     if args.has("json") {
         let v = serde_json::json!({
-            "model": model, "threads": r.threads, "isa": r.isa, "prefix": cfg.prefix, "block": cfg.block,
+            "model": model, "threads": r.threads, "isa": r.isa, "panels": engine.model.is_packed(),
+            "prefix": cfg.prefix, "block": cfg.block,
             "vision_ms": r.vision_ms, "prefill_ms": r.prefill_ms, "step_ms": r.step_ms, "commit_ms": r.commit_ms,
             "lm_weight_bytes": r.lm_weight_bytes, "read_gbps": r.read_gbps, "roofline_step_ms": r.roofline_step_ms,
             "step_over_roofline": r.step_ms / r.roofline_step_ms,
         });
         println!("{v}");
     } else {
-        println!("model {model}: {} threads, {}", r.threads, r.isa);
+        let layout = if engine.model.is_packed() {
+            "weights in panels"
+        } else {
+            "weights as stored"
+        };
+        println!("model {model}: {} threads, {}, {layout}", r.threads, r.isa);
         if let Some(v) = r.vision_ms {
             println!("vision ({0}x{0}):   {v:10.2} ms", cfg.image_side);
         }

@@ -53,6 +53,27 @@ impl<'a> Model<'a> {
         })
     }
 
+    /// Repack the text decoder's bf16 matrices into panels for the AVX2 kernels
+    /// ([`TextModel::pack_weights`]); `pack` repacks one matrix.
+    pub fn pack_weights(&mut self, pack: text::PackFn<'_>) {
+        self.text.pack_weights(&self.store, pack);
+    }
+
+    /// Drop the panels of [`Model::pack_weights`].
+    pub fn unpack_weights(&mut self) {
+        self.text.unpack_weights();
+    }
+
+    /// Bytes held in panels by [`Model::pack_weights`].
+    pub fn packed_bytes(&self) -> usize {
+        self.text.packed_bytes()
+    }
+
+    /// Whether [`Model::pack_weights`] has run (and found bf16 weights).
+    pub fn is_packed(&self) -> bool {
+        self.text.lm_head_packed.is_some()
+    }
+
     pub fn decode_model(&self) -> DecodeModel<'_, 'a> {
         DecodeModel {
             text: &self.text,

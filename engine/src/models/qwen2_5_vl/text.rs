@@ -5,19 +5,35 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use dvl_kernels::attention::AttnShape;
+use dvl_kernels::bf16;
+use dvl_kernels::packed::PackedBf16;
 
 use crate::backend::{Backend, Projection};
 use crate::config::TextConfig;
 use crate::error::{Error, Result};
 use crate::weights::{TensorInfo, WData, WeightStore};
 
-/// A linear layer: weight viewed in the checkpoint, bias widened to f32 at load.
+/// A linear layer: weight viewed in the checkpoint (or repacked into panels, see
+/// [`TextModel::pack_weights`]), bias widened to f32 at load.
 #[derive(Clone, Debug)]
 pub struct Linear {
     pub w: TensorInfo,
     pub b: Option<Vec<f32>>,
     pub n_out: usize,
     pub n_in: usize,
+    pub packed: Option<PackedBf16>,
+}
+
+/// Repacks one bf16 matrix (`n` rows of `k`) into panels; the engine's version uses its
+/// threads.
+pub type PackFn<'p> = &'p (dyn Fn(&[bf16], usize, usize) -> PackedBf16 + Sync);
+
+/// `w` repacked by `pack` when it is a bf16 matrix, else `None`.
+fn pack_bf16(w: WData<'_>, n: usize, k: usize, pack: PackFn<'_>) -> Option<PackedBf16> {
+    match w {
+        WData::BF16(s) => Some(pack(s, n, k)),
+        _ => None,
+    }
 }
 
 impl Linear {
@@ -36,7 +52,26 @@ impl Linear {
         } else {
             None
         };
-        Ok(Linear { w, b, n_out, n_in })
+        Ok(Linear {
+            w,
+            b,
+            n_out,
+            n_in,
+            packed: None,
+        })
+    }
+
+    /// The weights the kernels read: the panels when packed, else the checkpoint's.
+    pub fn weights<'a>(&'a self, store: &'a WeightStore<'_>) -> WData<'a> {
+        match &self.packed {
+            Some(p) => WData::Packed(p),
+            None => store.data(&self.w),
+        }
+    }
+
+    /// Repack the weight into panels (bf16 weights only).
+    pub fn pack(&mut self, store: &WeightStore<'_>, pack: PackFn<'_>) {
+        self.packed = pack_bf16(store.data(&self.w), self.n_out, self.n_in, pack);
     }
 
     /// This layer as one of several projections of the same input (`matmul_many`),
@@ -47,7 +82,7 @@ impl Linear {
         out: &'a mut [f32],
     ) -> Projection<'a> {
         Projection {
-            w: store.data(&self.w),
+            w: self.weights(store),
             n: self.n_out,
             bias: self.b.as_deref(),
             out,
@@ -56,7 +91,7 @@ impl Linear {
 
     /// Weights and bias, as `matmul_swiglu` takes them.
     pub fn operands<'a>(&'a self, store: &'a WeightStore<'_>) -> (WData<'a>, Option<&'a [f32]>) {
-        (store.data(&self.w), self.b.as_deref())
+        (self.weights(store), self.b.as_deref())
     }
 
     /// `out[m, n_out] = x[m, n_in] · Wᵀ + b`.
@@ -72,7 +107,7 @@ impl Linear {
             x,
             m,
             self.n_in,
-            store.data(&self.w),
+            self.weights(store),
             self.n_out,
             self.b.as_deref(),
             out,
@@ -99,6 +134,9 @@ pub struct TextModel {
     pub norm: Vec<f32>,
     /// `lm_head.weight`, or `model.embed_tokens.weight` when tied (3B; spec §1.3.1).
     pub lm_head: TensorInfo,
+    /// `lm_head` repacked into panels ([`TextModel::pack_weights`]); a tied table stays as
+    /// stored too, for the embedding lookups.
+    pub lm_head_packed: Option<PackedBf16>,
     /// RoPE inverse frequencies `θ^(−2i/d)`, i < d/2 (spec §7.2).
     inv_freq: Vec<f64>,
 }
@@ -205,8 +243,66 @@ impl TextModel {
             layers,
             norm,
             lm_head,
+            lm_head_packed: None,
             inv_freq,
         })
+    }
+
+    /// Repack the bf16 matrices that every denoising step streams (the layers' seven
+    /// projections and the lm_head) into 16-output panels ([`dvl_kernels::packed`]), for
+    /// the AVX2 kernels: a copy of those weights, made once. Other weight types stay as
+    /// stored.
+    pub fn pack_weights(&mut self, store: &WeightStore<'_>, pack: PackFn<'_>) {
+        for l in &mut self.layers {
+            for lin in [
+                &mut l.q,
+                &mut l.k,
+                &mut l.v,
+                &mut l.o,
+                &mut l.gate,
+                &mut l.up,
+                &mut l.down,
+            ] {
+                lin.pack(store, pack);
+            }
+        }
+        let (n, k) = (self.cfg.vocab_size, self.cfg.hidden_size);
+        self.lm_head_packed = pack_bf16(store.data(&self.lm_head), n, k, pack);
+    }
+
+    /// Bytes held in panels.
+    pub fn packed_bytes(&self) -> usize {
+        let layers = self.layers.iter().flat_map(|l| {
+            [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
+                .map(|lin| lin.packed.as_ref().map_or(0, |p| p.bytes()))
+        });
+        layers.sum::<usize>() + self.lm_head_packed.as_ref().map_or(0, |p| p.bytes())
+    }
+
+    /// Drop the panels: the kernels read the checkpoint's weights as stored again.
+    pub fn unpack_weights(&mut self) {
+        for l in &mut self.layers {
+            for lin in [
+                &mut l.q,
+                &mut l.k,
+                &mut l.v,
+                &mut l.o,
+                &mut l.gate,
+                &mut l.up,
+                &mut l.down,
+            ] {
+                lin.packed = None;
+            }
+        }
+        self.lm_head_packed = None;
+    }
+
+    /// The lm_head weights the kernels read: the panels when packed, else the checkpoint's.
+    fn lm_head_weights<'a>(&'a self, store: &'a WeightStore<'_>) -> WData<'a> {
+        match &self.lm_head_packed {
+            Some(p) => WData::Packed(p),
+            None => store.data(&self.lm_head),
+        }
     }
 
     /// Embedding rows of `ids` appended to `out` (spec §6).
@@ -368,7 +464,7 @@ impl TextModel {
             hn,
             rows,
             self.cfg.hidden_size,
-            store.data(&self.lm_head),
+            self.lm_head_weights(store),
             self.cfg.vocab_size,
             Some(crate::MASK_ID as usize),
         )
@@ -387,7 +483,7 @@ impl TextModel {
             hn,
             rows,
             self.cfg.hidden_size,
-            store.data(&self.lm_head),
+            self.lm_head_weights(store),
             self.cfg.vocab_size,
             None,
             out,

@@ -142,6 +142,7 @@ impl VisionModel {
             b: None,
             n_out: c,
             n_in: cfg.patch_dim(),
+            packed: None,
         };
         let mut blocks = Vec::with_capacity(cfg.depth);
         for b in 0..cfg.depth {

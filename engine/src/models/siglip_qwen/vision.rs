@@ -71,6 +71,7 @@ impl SiglipTower {
             b: Some(store.f32_vec(&format!("{PREFIX}.embeddings.patch_embedding.bias"), &[c])?),
             n_out: c,
             n_in: cfg.patch_dim(),
+            packed: None,
         };
         let pos = store.f32_vec(
             &format!("{PREFIX}.embeddings.position_embedding.weight"),
