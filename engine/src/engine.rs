@@ -233,8 +233,9 @@ impl Engine {
         })
     }
 
-    /// Build from caller-owned bytes (no copy). `'static` because the engine may be shared
-    /// freely; FFI callers promise the buffers outlive the model.
+    /// Build from caller-owned bytes, read in place (where AVX2 is the best ISA the text
+    /// decoder's bf16 weights are also repacked: [`Engine::set_packed`]). `'static` because
+    /// the engine may be shared freely; FFI callers promise the buffers outlive the model.
     pub fn from_parts(
         config_json: &[u8],
         shards: Vec<(String, ShardBytes<'static>)>,

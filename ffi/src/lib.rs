@@ -567,8 +567,10 @@ pub unsafe extern "C" fn dvl_model_load(
 
 /// Load a model from caller-owned memory: config_json (the bytes of config.json), n_shards
 /// safetensors files (each a whole file's bytes) and, optionally, tokenizer_json (NULL for
-/// none). Nothing of the shards is copied: they must stay valid and unchanged until the
-/// model and every context created from it are freed. config_json and tokenizer_json are
+/// none). The shards are read in place: they must stay valid and unchanged until the model
+/// and every context created from it are freed. (Where AVX2 is the CPU's best ISA, the text
+/// decoder's bf16 matrices are also repacked into an internal copy at load, for the AVX2
+/// kernels; the environment variable DVL_PACK=0 keeps them in place only.) config_json and tokenizer_json are
 /// only read during the call. params may be NULL.
 #[no_mangle]
 pub unsafe extern "C" fn dvl_model_load_from_memory(
