@@ -185,6 +185,34 @@ impl PanelRows {
     }
 }
 
+/// The checks of the safe entries: rows of `w.k()`, columns inside the weights, `out` and
+/// `bias` long enough. Returns the number of columns.
+#[allow(clippy::too_many_arguments)]
+fn check_shapes(
+    what: &str,
+    m: usize,
+    k: usize,
+    w: &PackedBf16,
+    (n0, n1): (usize, usize),
+    bias: Option<&[f32]>,
+    out: &[f32],
+    ldo: usize,
+) -> usize {
+    assert!(k == w.k, "{what}: rows of {k}, weights of {}", w.k);
+    assert!(n0 <= n1 && n1 <= w.n, "{what}: columns outside the weights");
+    let width = n1 - n0;
+    assert!(ldo >= width, "{what}: ldo < columns");
+    assert!(
+        m == 0 || width == 0 || out.len() >= (m - 1) * ldo + width,
+        "{what}: output too short"
+    );
+    assert!(
+        bias.is_none_or(|b| b.len() >= width),
+        "{what}: bias too short"
+    );
+    width
+}
+
 /// Columns `n0..n1` of `x · Wᵀ (+ bias)` for panel weights: `out[i·ldo + c]` is output
 /// `n0 + c` of row `i`; `bias` holds the `n1 − n0` biases of those columns. The AVX2 kernel
 /// ([`crate::x86::matmul_panels_avx2`]) where `isa` allows it, else a portable loop in the
@@ -201,21 +229,7 @@ pub fn matmul_panels(
     ldo: usize,
 ) {
     let (m, k) = (rows.m, rows.k);
-    assert!(k == w.k, "matmul_panels: rows of {k}, weights of {}", w.k);
-    assert!(
-        n0 <= n1 && n1 <= w.n,
-        "matmul_panels: columns outside the weights"
-    );
-    let width = n1 - n0;
-    assert!(ldo >= width, "matmul_panels: ldo < columns");
-    assert!(
-        m == 0 || width == 0 || out.len() >= (m - 1) * ldo + width,
-        "matmul_panels: output too short"
-    );
-    assert!(
-        bias.is_none_or(|b| b.len() >= width),
-        "matmul_panels: bias too short"
-    );
+    let width = check_shapes("matmul_panels", m, k, w, (n0, n1), bias, out, ldo);
     if m == 0 || width == 0 {
         return;
     }
@@ -287,26 +301,8 @@ pub fn matmul_many_rows_packed(
 ) {
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx2 && n0.is_multiple_of(PANEL) {
-        let width = n1.saturating_sub(n0);
-        assert!(
-            k == w.k,
-            "matmul_many_rows_packed: x rows of {k}, weights of {}",
-            w.k
-        );
-        assert!(
-            n0 <= n1 && n1 <= w.n,
-            "matmul_many_rows_packed: columns outside the weights"
-        );
         assert!(x.len() >= m * k, "matmul_many_rows_packed: x too short");
-        assert!(ldo >= width, "matmul_many_rows_packed: ldo < columns");
-        assert!(
-            m == 0 || width == 0 || out.len() >= (m - 1) * ldo + width,
-            "matmul_many_rows_packed: output too short"
-        );
-        assert!(
-            bias.is_none_or(|b| b.len() >= width),
-            "matmul_many_rows_packed: bias too short"
-        );
+        check_shapes("matmul_many_rows_packed", m, k, w, (n0, n1), bias, out, ldo);
         // SAFETY: Isa::Avx2 comes from cpu::detect_isa (AVX2, FMA, F16C); shapes checked.
         return unsafe {
             crate::x86::gemm_avx2_panels(x, m, w, n0, n1, bias, out.as_mut_ptr(), ldo)

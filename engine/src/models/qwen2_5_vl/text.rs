@@ -127,6 +127,21 @@ pub struct TextLayer {
     pub down: Linear,
 }
 
+impl TextLayer {
+    /// The seven projections.
+    fn linears_mut(&mut self) -> [&mut Linear; 7] {
+        [
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.o,
+            &mut self.gate,
+            &mut self.up,
+            &mut self.down,
+        ]
+    }
+}
+
 pub struct TextModel {
     pub cfg: TextConfig,
     pub embed: TensorInfo,
@@ -254,15 +269,7 @@ impl TextModel {
     /// stored.
     pub fn pack_weights(&mut self, store: &WeightStore<'_>, pack: PackFn<'_>) {
         for l in &mut self.layers {
-            for lin in [
-                &mut l.q,
-                &mut l.k,
-                &mut l.v,
-                &mut l.o,
-                &mut l.gate,
-                &mut l.up,
-                &mut l.down,
-            ] {
+            for lin in l.linears_mut() {
                 lin.pack(store, pack);
             }
         }
@@ -274,7 +281,7 @@ impl TextModel {
     pub fn packed_bytes(&self) -> usize {
         let layers = self.layers.iter().flat_map(|l| {
             [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
-                .map(|lin| lin.packed.as_ref().map_or(0, |p| p.bytes()))
+                .map(|lin| lin.packed.as_ref().map_or(0, PackedBf16::bytes))
         });
         layers.sum::<usize>() + self.lm_head_packed.as_ref().map_or(0, |p| p.bytes())
     }
@@ -282,15 +289,7 @@ impl TextModel {
     /// Drop the panels: the kernels read the checkpoint's weights as stored again.
     pub fn unpack_weights(&mut self) {
         for l in &mut self.layers {
-            for lin in [
-                &mut l.q,
-                &mut l.k,
-                &mut l.v,
-                &mut l.o,
-                &mut l.gate,
-                &mut l.up,
-                &mut l.down,
-            ] {
+            for lin in l.linears_mut() {
                 lin.packed = None;
             }
         }
