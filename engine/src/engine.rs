@@ -130,13 +130,17 @@ fn shard_files(dir: &Path) -> Result<(Vec<PathBuf>, Vec<String>)> {
 /// denoising step's matmuls 1.1-1.5× faster than the dot-product tiles on the weights as
 /// stored, and the many-row GEMM reads panels as fast. Costs a copy of those weights (the
 /// mapped checkpoint pages they came from are not read again, except a tied embedding
-/// table's looked-up rows) and a pass over them at load. `DVL_PACK=0` keeps the weights
-/// as stored; `DVL_PACK=1` packs whatever the CPU.
+/// table's looked-up rows) and a pass over them at load; skipped when the copy would not
+/// fit in available memory. `DVL_PACK=0` keeps the weights as stored; `DVL_PACK=1` packs
+/// whatever the CPU and memory.
 fn pack_if_worthwhile(model: &mut Model<'static>) {
     let wanted = match std::env::var("DVL_PACK").as_deref() {
         Ok("0") => false,
         Ok("1") => true,
-        _ => dvl_kernels::cpu::detect_isa() == crate::backend::Isa::Avx2,
+        _ => {
+            dvl_kernels::cpu::detect_isa() == crate::backend::Isa::Avx2
+                && fits_in_memory(model.lm_weight_bytes())
+        }
     };
     if wanted {
         let start = std::time::Instant::now();
@@ -150,6 +154,40 @@ fn pack_if_worthwhile(model: &mut Model<'static>) {
             );
         }
     }
+}
+
+/// Whether a copy of `bytes` leaves a GiB of the memory Linux reports available
+/// (`MemAvailable`, which counts reclaimable page cache such as the mapped checkpoint).
+/// Where it does not, the weights stay as stored: mapped weights can be paged in and out,
+/// a copy cannot. True where the figure is unknown (other systems).
+fn fits_in_memory(bytes: u64) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/meminfo") else {
+        return true;
+    };
+    match mem_available_kb(&info) {
+        Some(kb) if bytes + (1 << 30) > kb * 1024 => {
+            eprintln!(
+                "dvl: text decoder weights left as stored: a panel copy ({:.2} GB) would not fit \
+                 in the {:.2} GB available (DVL_PACK=1 forces it)",
+                bytes as f64 / 1e9,
+                kb as f64 * 1024.0 / 1e9
+            );
+            false
+        }
+        _ => true,
+    }
+}
+
+/// The `MemAvailable` line of `/proc/meminfo`, in kB.
+fn mem_available_kb(meminfo: &str) -> Option<u64> {
+    meminfo.lines().find_map(|l| {
+        l.strip_prefix("MemAvailable:")?
+            .trim()
+            .strip_suffix("kB")?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// [`dvl_kernels::packed::PackedBf16::new`] with the panels split across this machine's
@@ -425,5 +463,19 @@ impl Observer for TimedObserver<'_> {
     }
     fn probe(&mut self, name: &str, shape: &[usize], data: ProbeData<'_>) {
         self.inner.probe(name, shape, data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mem_available_kb;
+
+    #[test]
+    fn available_memory_is_read_from_meminfo() {
+        let info = "MemTotal:       24585392 kB\nMemFree:         1234 kB\n\
+                    MemAvailable:   23004956 kB\nBuffers:  1 kB\n";
+        assert_eq!(mem_available_kb(info), Some(23_004_956));
+        assert_eq!(mem_available_kb("MemTotal: 5 kB\n"), None);
+        assert_eq!(mem_available_kb("MemAvailable: lots kB\n"), None);
     }
 }
