@@ -18,8 +18,14 @@ use core::arch::x86_64::*;
 use super::widen_pairs256;
 use crate::packed::{k_block, PackedBf16, PanelRows, PANEL};
 
-/// Bytes ahead of the current pair that the weight stream is prefetched (16 lines).
+/// Bytes ahead of the current pair that each panel's stream is prefetched (16 lines), for
+/// panels of at least [`LONG_PANEL_BYTES`].
 const PREFETCH_BYTES: usize = 1024;
+
+/// Below this many bytes a panel (k < 512) is over before a prefetch 1 KiB ahead in it
+/// pays off (the tiny model's k = 64 panels are 2 KiB, a 1 × 64 tile reads four of them at
+/// once): such tiles prefetch the same place of the next tile instead.
+const LONG_PANEL_BYTES: usize = 16 * 1024;
 
 /// `MR` rows × `NV` output vectors of a group over k; `xg`: the group's prepared rows,
 /// `w`: its first panel (panels `panel_len` u32 apart).
@@ -31,6 +37,12 @@ unsafe fn tile<const MR: usize, const NV: usize>(
     k: usize,
 ) -> [[__m256; NV]; MR] {
     let kb = k_block(k);
+    let panel_bytes = panel_len * 4;
+    let ahead = if panel_bytes >= LONG_PANEL_BYTES {
+        PREFETCH_BYTES
+    } else {
+        NV.div_ceil(2) * panel_bytes
+    };
     let mut total = [[_mm256_setzero_ps(); NV]; MR];
     let mut pc = 0;
     while pc < k {
@@ -42,7 +54,7 @@ unsafe fn tile<const MR: usize, const NV: usize>(
             for v in 0..NV {
                 let wq = w.add((v / 2) * panel_len + q * PANEL + (v % 2) * 8);
                 if v % 2 == 0 {
-                    _mm_prefetch::<_MM_HINT_T0>((wq as *const i8).add(PREFETCH_BYTES));
+                    _mm_prefetch::<_MM_HINT_T0>((wq as *const i8).add(ahead));
                 }
                 let (even, odd) = widen_pairs256(_mm256_loadu_si256(wq as *const __m256i));
                 for r in 0..MR {
