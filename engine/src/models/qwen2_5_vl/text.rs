@@ -28,6 +28,18 @@ pub struct Linear {
 /// threads.
 pub type PackFn<'p> = &'p (dyn Fn(&[bf16], usize, usize) -> PackedBf16 + Sync);
 
+/// `packed` when there is one, else the tensor `t` as stored.
+fn panels_or_stored<'a>(
+    packed: Option<&'a PackedBf16>,
+    store: &'a WeightStore<'_>,
+    t: &'a TensorInfo,
+) -> WData<'a> {
+    match packed {
+        Some(p) => WData::Packed(p),
+        None => store.data(t),
+    }
+}
+
 /// `w` repacked by `pack` when it is a bf16 matrix, else `None`.
 fn pack_bf16(w: WData<'_>, n: usize, k: usize, pack: PackFn<'_>) -> Option<PackedBf16> {
     match w {
@@ -63,10 +75,7 @@ impl Linear {
 
     /// The weights the kernels read: the panels when packed, else the checkpoint's.
     pub fn weights<'a>(&'a self, store: &'a WeightStore<'_>) -> WData<'a> {
-        match &self.packed {
-            Some(p) => WData::Packed(p),
-            None => store.data(&self.w),
-        }
+        panels_or_stored(self.packed.as_ref(), store, &self.w)
     }
 
     /// Repack the weight into panels (bf16 weights only).
@@ -129,6 +138,13 @@ pub struct TextLayer {
 
 impl TextLayer {
     /// The seven projections.
+    fn linears(&self) -> [&Linear; 7] {
+        [
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+        ]
+    }
+
+    /// The seven projections, to repack or unpack.
     fn linears_mut(&mut self) -> [&mut Linear; 7] {
         [
             &mut self.q,
@@ -279,11 +295,10 @@ impl TextModel {
 
     /// Bytes held in panels.
     pub fn packed_bytes(&self) -> usize {
-        let layers = self.layers.iter().flat_map(|l| {
-            [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
-                .map(|lin| lin.packed.as_ref().map_or(0, PackedBf16::bytes))
-        });
-        layers.sum::<usize>() + self.lm_head_packed.as_ref().map_or(0, |p| p.bytes())
+        let layers = self.layers.iter().flat_map(|l| l.linears());
+        let bytes = |p: Option<&PackedBf16>| p.map_or(0, PackedBf16::bytes);
+        layers.map(|lin| bytes(lin.packed.as_ref())).sum::<usize>()
+            + bytes(self.lm_head_packed.as_ref())
     }
 
     /// Drop the panels: the kernels read the checkpoint's weights as stored again.
@@ -298,10 +313,7 @@ impl TextModel {
 
     /// The lm_head weights the kernels read: the panels when packed, else the checkpoint's.
     fn lm_head_weights<'a>(&'a self, store: &'a WeightStore<'_>) -> WData<'a> {
-        match &self.lm_head_packed {
-            Some(p) => WData::Packed(p),
-            None => store.data(&self.lm_head),
-        }
+        panels_or_stored(self.lm_head_packed.as_ref(), store, &self.lm_head)
     }
 
     /// Embedding rows of `ids` appended to `out` (spec §6).
