@@ -1,12 +1,14 @@
 //! Per-kernel throughput (`cargo bench -p dvl-kernels`): GB/s of weights streamed for the
 //! skinny matmuls of a denoising step, GFLOP/s for the large-M matmuls of prefill and
-//! vision (and the packed AVX2 GEMM they take there), the unmasking pass over a full
+//! vision (and the packed AVX2 GEMM they take there), both also on weights repacked into
+//! panels (`avx2_panels`: what the engine runs on AVX2 machines), the unmasking pass over a full
 //! vocabulary row (and, on AMX, fused into the projection of one vocabulary slice), and
 //! attention (FLOP/s over the visible keys). Single thread, every ISA the CPU has.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use dvl_kernels::bf16;
 use dvl_kernels::matmul::{matmul, matmul_many_rows, Isa};
+use dvl_kernels::packed::{matmul_many_rows_packed, matmul_packed, PackedBf16};
 
 fn data(n: usize) -> Vec<f32> {
     (0..n)
@@ -48,6 +50,15 @@ fn skinny(c: &mut Criterion) {
                 BenchmarkId::new(isa_name(isa), format!("{m}x{k}x{n}")),
                 &isa,
                 |b, &isa| b.iter(|| matmul(isa, &x, m, k, &w, n, None, &mut out, n)),
+            );
+        }
+        if dvl_kernels::cpu::supported_isas().contains(&Isa::Avx2) {
+            // The same weights in 16-output panels (rows prepared in each call, as the
+            // engine does per matmul).
+            let panels = PackedBf16::new(&w, n, k);
+            g.bench_function(
+                BenchmarkId::new("avx2_panels", format!("{m}x{k}x{n}")),
+                |b| b.iter(|| matmul_packed(Isa::Avx2, &x, m, k, &panels, 0, n, None, &mut out, n)),
             );
         }
         #[cfg(target_arch = "x86_64")]
@@ -100,6 +111,26 @@ fn large(c: &mut Criterion) {
             g.bench_function(BenchmarkId::new("avx2_gemm", format!("{m}x{k}x{n}")), |b| {
                 b.iter(|| matmul_many_rows(Isa::Avx2, &x, m, k, &w, n, None, &mut out, n))
             });
+            let panels = PackedBf16::new(&w, n, k);
+            g.bench_function(
+                BenchmarkId::new("avx2_panels", format!("{m}x{k}x{n}")),
+                |b| {
+                    b.iter(|| {
+                        matmul_many_rows_packed(
+                            Isa::Avx2,
+                            &x,
+                            m,
+                            k,
+                            &panels,
+                            0,
+                            n,
+                            None,
+                            &mut out,
+                            n,
+                        )
+                    })
+                },
+            );
         }
         #[cfg(target_arch = "x86_64")]
         if dvl_kernels::amx::available() {
