@@ -69,12 +69,24 @@ pub struct Generation {
     pub timings: Timings,
 }
 
+/// The cost of holding the text decoder's weights in panels ([`Engine::panel_cost`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PanelCost {
+    /// Bytes of the panel copy (memory on top of the mapped checkpoint).
+    pub bytes: u64,
+    /// Milliseconds the repacking took (`None` where the model's weights were packed
+    /// outside [`Engine`]'s load and [`Engine::set_packed`]).
+    pub pack_ms: Option<f64>,
+}
+
 /// A loaded model and its tokenizer. Read-only after load; share it across threads.
 pub struct Engine {
     pub model: Model<'static>,
     tokenizer: Option<Tokenizer>,
     pub dir: Option<PathBuf>,
     pub decode_limits: DecodeLimits,
+    /// Milliseconds the last repacking into panels took, at load or in `set_packed`.
+    pack_ms: Option<f64>,
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> Error {
@@ -133,7 +145,8 @@ fn shard_files(dir: &Path) -> Result<(Vec<PathBuf>, Vec<String>)> {
 /// table's looked-up rows) and a pass over them at load; skipped when the copy would not
 /// fit in available memory. `DVL_PACK=0` keeps the weights as stored; `DVL_PACK=1` packs
 /// whatever the CPU and memory.
-fn pack_if_worthwhile(model: &mut Model<'static>) {
+/// Returns the milliseconds spent packing (`None` where the weights stay as stored).
+fn pack_if_worthwhile(model: &mut Model<'static>) -> Option<f64> {
     let wanted = match std::env::var("DVL_PACK").as_deref() {
         Ok("0") => false,
         Ok("1") => true,
@@ -142,18 +155,26 @@ fn pack_if_worthwhile(model: &mut Model<'static>) {
                 && fits_in_memory(model.lm_weight_bytes())
         }
     };
-    if wanted {
-        let start = std::time::Instant::now();
-        model.pack_weights(&pack_on_threads);
-        let bytes = model.packed_bytes();
-        if bytes > 1 << 30 {
-            eprintln!(
-                "dvl: text decoder weights repacked into panels ({:.2} GB) in {:.1} s",
-                bytes as f64 / 1e9,
-                start.elapsed().as_secs_f64()
-            );
-        }
+    if !wanted {
+        return None;
     }
+    let ms = pack_timed(model);
+    let bytes = model.packed_bytes();
+    if bytes > 1 << 30 {
+        eprintln!(
+            "dvl: text decoder weights repacked into panels ({:.2} GB) in {:.1} s",
+            bytes as f64 / 1e9,
+            ms / 1e3
+        );
+    }
+    Some(ms)
+}
+
+/// [`Model::pack_weights`] on this machine's cores; returns the milliseconds it took.
+fn pack_timed(model: &mut Model<'static>) -> f64 {
+    let start = std::time::Instant::now();
+    model.pack_weights(&pack_on_threads);
+    start.elapsed().as_secs_f64() * 1e3
 }
 
 /// Whether a copy of `bytes` leaves a GiB of the memory Linux reports available
@@ -256,7 +277,7 @@ impl Engine {
             )));
         }
         let mut model = Model::new(config, store)?;
-        pack_if_worthwhile(&mut model);
+        let pack_ms = pack_if_worthwhile(&mut model);
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = if tok_path.exists() {
             Some(Tokenizer::from_file(&tok_path)?)
@@ -268,6 +289,7 @@ impl Engine {
             tokenizer,
             dir: Some(dir.to_path_buf()),
             decode_limits: DecodeLimits::default(),
+            pack_ms,
         })
     }
 
@@ -281,13 +303,14 @@ impl Engine {
     ) -> Result<Engine> {
         let config = Config::from_json(config_json)?;
         let mut model = Model::new(config, WeightStore::new(shards)?)?;
-        pack_if_worthwhile(&mut model);
+        let pack_ms = pack_if_worthwhile(&mut model);
         let tokenizer = tokenizer_json.map(Tokenizer::from_bytes).transpose()?;
         Ok(Engine {
             model,
             tokenizer,
             dir: None,
             decode_limits: DecodeLimits::default(),
+            pack_ms,
         })
     }
 
@@ -298,9 +321,19 @@ impl Engine {
     pub fn set_packed(&mut self, packed: bool) {
         if !packed {
             self.model.unpack_weights();
+            self.pack_ms = None;
         } else if !self.model.is_packed() {
-            self.model.pack_weights(&pack_on_threads);
+            self.pack_ms = Some(pack_timed(&mut self.model));
         }
+    }
+
+    /// What the panel copy costs, where the weights are in panels: its bytes (memory on top
+    /// of the mapped checkpoint) and the milliseconds the repacking took.
+    pub fn panel_cost(&self) -> Option<PanelCost> {
+        self.model.is_packed().then(|| PanelCost {
+            bytes: self.model.packed_bytes() as u64,
+            pack_ms: self.pack_ms,
+        })
     }
 
     pub fn tokenizer(&self) -> Result<&Tokenizer> {

@@ -92,6 +92,40 @@ fn generate_json(gen_length: &str, extra: &[&str]) -> Value {
 }
 
 #[test]
+fn json_reports_the_panel_copy_and_its_cost() {
+    let packed = generate_json("8", &[]);
+    if packed["panels"] == true {
+        assert!(
+            packed["panel_bytes"].as_u64().is_some_and(|b| b > 0),
+            "{packed}"
+        );
+        assert!(
+            packed["pack_ms"].as_f64().is_some_and(|ms| ms >= 0.0),
+            "{packed}"
+        );
+    }
+    let model = model_dir("a").unwrap();
+    let out = dvl()
+        .env("DVL_PACK", "0")
+        .args(["generate", "--model", model.to_str().unwrap(), "--json"])
+        .args(["--prompt", "What is two plus two?", "--gen-length", "8"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stored: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stored["panels"], false);
+    assert!(
+        stored["panel_bytes"].is_null() && stored["pack_ms"].is_null(),
+        "{stored}"
+    );
+    assert_eq!(stored["ids"], packed["ids"]);
+}
+
+#[test]
 fn dump_writes_fixture_probes() {
     let dir = std::env::temp_dir().join(format!("dvl-dump-{}", std::process::id()));
     generate_json("32", &["--dump", dir.to_str().unwrap()]);

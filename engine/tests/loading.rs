@@ -307,3 +307,20 @@ fn results_do_not_depend_on_the_thread_count() {
         }
     }
 }
+
+#[test]
+fn panel_cost_follows_the_weight_layout() {
+    let mut e = Engine::open(&tiny()).unwrap();
+    e.set_packed(false);
+    assert!(!e.model.is_packed());
+    assert_eq!(e.panel_cost(), None);
+    e.set_packed(true);
+    let cost = e.panel_cost().expect("weights in panels have a cost");
+    assert_eq!(cost.bytes, e.model.packed_bytes() as u64);
+    // Model a's text weights: at least its tied lm_head, vocabulary × hidden bf16 values.
+    let c = &e.model.config.text;
+    assert!(cost.bytes >= (c.vocab_size * c.hidden_size * 2) as u64);
+    assert!(cost.pack_ms.is_some_and(|ms| ms >= 0.0), "{cost:?}");
+    e.set_packed(false);
+    assert_eq!(e.panel_cost(), None);
+}

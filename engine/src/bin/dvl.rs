@@ -287,6 +287,8 @@ fn generate(args: &Args) -> Result<(), String> {
             "bf16": be.bf16(),
             "amx": be.amx(),
             "panels": engine.model.is_packed(),
+            "panel_bytes": engine.panel_cost().map(|c| c.bytes),
+            "pack_ms": engine.panel_cost().and_then(|c| c.pack_ms),
             "timings": {
                 "preprocess_ms": g.timings.preprocess_ms, "vision_ms": g.timings.vision_ms,
                 "prefill_ms": g.timings.prefill_ms, "decode_ms": g.timings.decode_ms,
@@ -360,6 +362,8 @@ fn bench(args: &Args) -> Result<(), String> {
     if args.has("json") {
         let v = serde_json::json!({
             "model": model, "threads": r.threads, "isa": r.isa, "panels": engine.model.is_packed(),
+            "panel_bytes": engine.panel_cost().map(|c| c.bytes),
+            "pack_ms": engine.panel_cost().and_then(|c| c.pack_ms),
             "prefix": cfg.prefix, "block": cfg.block,
             "vision_ms": r.vision_ms, "prefill_ms": r.prefill_ms, "step_ms": r.step_ms, "commit_ms": r.commit_ms,
             "lm_weight_bytes": r.lm_weight_bytes, "read_gbps": r.read_gbps, "roofline_step_ms": r.roofline_step_ms,
@@ -367,10 +371,14 @@ fn bench(args: &Args) -> Result<(), String> {
         });
         println!("{v}");
     } else {
-        let layout = if engine.model.is_packed() {
-            "weights in panels"
-        } else {
-            "weights as stored"
+        let layout = match engine.panel_cost() {
+            Some(c) => format!(
+                "weights in panels ({:.2} GB copy{})",
+                c.bytes as f64 / 1e9,
+                c.pack_ms
+                    .map_or(String::new(), |ms| format!(", packed in {:.1} s", ms / 1e3))
+            ),
+            None => "weights as stored".to_string(),
         };
         println!("model {model}: {} threads, {}, {layout}", r.threads, r.isa);
         if let Some(v) = r.vision_ms {
