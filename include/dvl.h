@@ -164,6 +164,27 @@ typedef enum dvl_strategy {
 } dvl_strategy;
 
 /**
+ * How a load holds the text decoder's bf16 weights (dvl_model_params.weight_layout).
+ */
+typedef enum dvl_weight_layout {
+    /**
+     * Repacked into 16-output panels where AVX2 is the CPU's best ISA and the copy fits in
+     * the memory available (the denoising step's kernels run faster on them), else as
+     * stored. The environment variable DVL_PACK=0 or DVL_PACK=1 overrides.
+     */
+    DVL_WEIGHTS_AUTO = 0,
+    /**
+     * Always repacked into panels: a copy of the text decoder's weights, about their size
+     * in the checkpoint (dvl_model_panel_bytes() tells).
+     */
+    DVL_WEIGHTS_PANELS = 1,
+    /**
+     * Read as stored, in the mapped files or the caller's buffers: nothing copied.
+     */
+    DVL_WEIGHTS_AS_STORED = 2,
+} dvl_weight_layout;
+
+/**
  * The state of one generation at a time on one model: its worker threads, scratch and
  * KV cache, the last result and the last error. Use a context from one thread at a time
  * (a concurrent dvl_generate() returns DVL_ERR_BUSY); only dvl_context_cancel() may be
@@ -214,6 +235,15 @@ typedef struct dvl_model_params {
      * limit.
      */
     uint64_t max_image_bytes;
+    /**
+     * A dvl_weight_layout: how the text decoder's weights are held (default
+     * DVL_WEIGHTS_AUTO).
+     */
+    uint32_t weight_layout;
+    /**
+     * Reserved, must be 0.
+     */
+    uint32_t reserved2;
 } dvl_model_params;
 
 /**
@@ -449,8 +479,8 @@ enum dvl_status dvl_model_load(const char *model_dir,
  * none). The shards are read in place: they must stay valid and unchanged until the model
  * and every context created from it are freed. (Where AVX2 is the CPU's best ISA, the text
  * decoder's bf16 matrices are also repacked into an internal copy at load, for the AVX2
- * kernels; the environment variable DVL_PACK=0 keeps them in place only.) config_json and tokenizer_json are
- * only read during the call. params may be NULL.
+ * kernels; weight_layout = DVL_WEIGHTS_AS_STORED in params keeps them in place only.)
+ * config_json and tokenizer_json are only read during the call. params may be NULL.
  */
 enum dvl_status dvl_model_load_from_memory(const struct dvl_buffer *config_json,
                                            const struct dvl_buffer *shards,
@@ -477,6 +507,12 @@ enum dvl_status dvl_model_token_text(const struct dvl_model *model,
                                      char *buf,
                                      size_t buf_size,
                                      size_t *out_len);
+
+/**
+ * The bytes of model's panel copy of the text decoder's weights (memory on top of the
+ * checkpoint; see dvl_weight_layout) in *out: 0 where the weights are read as stored.
+ */
+enum dvl_status dvl_model_panel_bytes(const struct dvl_model *model, uint64_t *out);
 
 /**
  * Fill *out (of struct_size bytes, normally sizeof *out) with the default context params.

@@ -69,6 +69,19 @@ pub struct Generation {
     pub timings: Timings,
 }
 
+/// How a load lays out the text decoder's bf16 weights ([`Engine::open_with_layout`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// Panels where AVX2 is the CPU's best ISA and the copy fits in available memory, else
+    /// as stored; the environment variable `DVL_PACK=0` / `DVL_PACK=1` overrides.
+    #[default]
+    Auto,
+    /// Repacked into panels whatever the CPU and memory (a copy of those weights).
+    Panels,
+    /// Read as stored in the checkpoint: no copy.
+    AsStored,
+}
+
 /// The cost of holding the text decoder's weights in panels ([`Engine::panel_cost`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PanelCost {
@@ -143,14 +156,16 @@ fn shard_files(dir: &Path) -> Result<(Vec<PathBuf>, Vec<String>)> {
 /// stored, and the many-row GEMM reads panels as fast. Costs a copy of those weights (the
 /// mapped checkpoint pages they came from are not read again, except a tied embedding
 /// table's looked-up rows) and a pass over them at load; skipped when the copy would not
-/// fit in available memory. `DVL_PACK=0` keeps the weights as stored; `DVL_PACK=1` packs
-/// whatever the CPU and memory.
+/// fit in available memory. `layout` other than `Auto` decides; under `Auto`, `DVL_PACK=0`
+/// keeps the weights as stored and `DVL_PACK=1` packs whatever the CPU and memory.
 /// Returns the milliseconds spent packing (`None` where the weights stay as stored).
-fn pack_if_worthwhile(model: &mut Model<'static>) -> Option<f64> {
-    let wanted = match std::env::var("DVL_PACK").as_deref() {
-        Ok("0") => false,
-        Ok("1") => true,
-        _ => {
+fn pack_if_worthwhile(model: &mut Model<'static>, layout: WeightLayout) -> Option<f64> {
+    let wanted = match (layout, std::env::var("DVL_PACK").as_deref()) {
+        (WeightLayout::Panels, _) => true,
+        (WeightLayout::AsStored, _) => false,
+        (WeightLayout::Auto, Ok("0")) => false,
+        (WeightLayout::Auto, Ok("1")) => true,
+        (WeightLayout::Auto, _) => {
             dvl_kernels::cpu::detect_isa() == crate::backend::Isa::Avx2
                 && fits_in_memory(model.lm_weight_bytes())
         }
@@ -231,8 +246,14 @@ fn pack_on_threads(w: &[half::bf16], n: usize, k: usize) -> dvl_kernels::packed:
 
 impl Engine {
     /// Open a checkpoint directory as published: `config.json`, `model.safetensors` or
-    /// shards + index, `tokenizer.json` (optional for id-only use).
+    /// shards + index, `tokenizer.json` (optional for id-only use). The weight layout is
+    /// chosen by CPU and memory ([`WeightLayout::Auto`]).
     pub fn open(dir: &Path) -> Result<Engine> {
+        Self::open_with_layout(dir, WeightLayout::Auto)
+    }
+
+    /// [`Engine::open`] with the text decoder's weight layout chosen by the caller.
+    pub fn open_with_layout(dir: &Path, layout: WeightLayout) -> Result<Engine> {
         let cfg_path = dir.join("config.json");
         let cfg_bytes = std::fs::read(&cfg_path).map_err(|e| io_err(&cfg_path, e))?;
         let config = Config::from_json(&cfg_bytes).map_err(|e| match e {
@@ -277,7 +298,7 @@ impl Engine {
             )));
         }
         let mut model = Model::new(config, store)?;
-        let pack_ms = pack_if_worthwhile(&mut model);
+        let pack_ms = pack_if_worthwhile(&mut model, layout);
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = if tok_path.exists() {
             Some(Tokenizer::from_file(&tok_path)?)
@@ -301,9 +322,20 @@ impl Engine {
         shards: Vec<(String, ShardBytes<'static>)>,
         tokenizer_json: Option<&[u8]>,
     ) -> Result<Engine> {
+        Self::from_parts_with_layout(config_json, shards, tokenizer_json, WeightLayout::Auto)
+    }
+
+    /// [`Engine::from_parts`] with the text decoder's weight layout chosen by the caller
+    /// ([`WeightLayout::AsStored`]: nothing copied, the shards are read in place only).
+    pub fn from_parts_with_layout(
+        config_json: &[u8],
+        shards: Vec<(String, ShardBytes<'static>)>,
+        tokenizer_json: Option<&[u8]>,
+        layout: WeightLayout,
+    ) -> Result<Engine> {
         let config = Config::from_json(config_json)?;
         let mut model = Model::new(config, WeightStore::new(shards)?)?;
-        let pack_ms = pack_if_worthwhile(&mut model);
+        let pack_ms = pack_if_worthwhile(&mut model, layout);
         let tokenizer = tokenizer_json.map(Tokenizer::from_bytes).transpose()?;
         Ok(Engine {
             model,

@@ -37,7 +37,7 @@ pub use models::qwen2_5_vl::{Model, IMAGE_PLACEHOLDER};
 pub use weights::{ShardBytes, WeightStore};
 
 #[cfg(feature = "std")]
-pub use engine::{Engine, ImageInput, PanelCost, Request};
+pub use engine::{Engine, ImageInput, PanelCost, Request, WeightLayout};
 
 /// The MASK token id: an embedding row, not a tokenizer token (spec §0 fact 4).
 pub const MASK_ID: u32 = 151_671;

@@ -405,6 +405,51 @@ static dvl_model *test_memory_loads(const char *model_dir, unsigned char **keep_
     return m;
 }
 
+/* Weight layouts: as stored (nothing copied) and in panels (a copy) load, report their
+ * copy's size and answer alike. */
+static void test_weight_layouts(const char *model_dir) {
+    static uint32_t as_stored[8192], in_panels[8192];
+    dvl_model_params mp;
+    dvl_model *stored = NULL, *panels = NULL;
+    dvl_context *ctx = NULL;
+    dvl_prompt *prompt = NULL;
+    uint64_t bytes = 1;
+
+    dvl_model_default_params(&mp, sizeof mp);
+    CHECK(mp.weight_layout == DVL_WEIGHTS_AUTO && mp.reserved2 == 0, "layout defaults");
+    mp.weight_layout = 3;
+    EXPECT(dvl_model_load(model_dir, &mp, &stored), DVL_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(dvl_last_error(NULL), "weight_layout") != NULL, "error names the field: %s",
+          dvl_last_error(NULL));
+    mp.weight_layout = DVL_WEIGHTS_AS_STORED;
+    EXPECT(dvl_model_load(model_dir, &mp, &stored), DVL_OK);
+    mp.weight_layout = DVL_WEIGHTS_PANELS;
+    EXPECT(dvl_model_load(model_dir, &mp, &panels), DVL_OK);
+    if (stored == NULL || panels == NULL) {
+        dvl_model_free(&stored);
+        dvl_model_free(&panels);
+        return;
+    }
+    EXPECT(dvl_model_panel_bytes(stored, NULL), DVL_ERR_INVALID_ARGUMENT);
+    EXPECT(dvl_model_panel_bytes(NULL, &bytes), DVL_ERR_INVALID_ARGUMENT);
+    EXPECT(dvl_model_panel_bytes(stored, &bytes), DVL_OK);
+    CHECK(bytes == 0, "weights as stored have no copy (%llu bytes)", (unsigned long long)bytes);
+    EXPECT(dvl_model_panel_bytes(panels, &bytes), DVL_OK);
+    CHECK(bytes > 0, "weights in panels report their copy");
+
+    EXPECT(dvl_prompt_new("What is two plus two?", &prompt), DVL_OK);
+    EXPECT(dvl_context_new(stored, NULL, &ctx), DVL_OK);
+    EXPECT(generate_ids(ctx, prompt, as_stored), DVL_OK);
+    EXPECT(dvl_context_free(&ctx), DVL_OK);
+    EXPECT(dvl_context_new(panels, NULL, &ctx), DVL_OK);
+    EXPECT(generate_ids(ctx, prompt, in_panels), DVL_OK);
+    EXPECT(dvl_context_free(&ctx), DVL_OK);
+    CHECK(same_ids(as_stored, in_panels), "as stored and in panels give the same ids");
+    EXPECT(dvl_prompt_free(&prompt), DVL_OK);
+    EXPECT(dvl_model_free(&stored), DVL_OK);
+    EXPECT(dvl_model_free(&panels), DVL_OK);
+}
+
 static void test_context_and_prompt(dvl_model *model) {
     dvl_context *ctx = (dvl_context *)&ctx;
     dvl_context_params cp;
@@ -749,6 +794,7 @@ int main(int argc, char **argv) {
 
     test_versions_and_params();
     test_load_errors(model_dir);
+    test_weight_layouts(model_dir);
     mem_model = test_memory_loads(model_dir, &shard);
     EXPECT(dvl_model_load(model_dir, NULL, &model), DVL_OK);
     if (model != NULL) {

@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use dvl::{CpuBackend, Engine, GenerateParams, ImageInput, Request, Strategy};
+use dvl::{CpuBackend, Engine, GenerateParams, ImageInput, Request, Strategy, WeightLayout};
 
 use guard::{run, run_infallible, Failure, Res};
 
@@ -476,6 +476,26 @@ pub struct dvl_model_params {
     /// Largest image file or encoded buffer, in bytes; 0, the default, keeps the library's
     /// limit.
     pub max_image_bytes: u64,
+    /// A dvl_weight_layout: how the text decoder's weights are held (default
+    /// DVL_WEIGHTS_AUTO).
+    pub weight_layout: u32,
+    /// Reserved, must be 0.
+    pub reserved2: u32,
+}
+
+/// How a load holds the text decoder's bf16 weights (dvl_model_params.weight_layout).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum dvl_weight_layout {
+    /// Repacked into 16-output panels where AVX2 is the CPU's best ISA and the copy fits in
+    /// the memory available (the denoising step's kernels run faster on them), else as
+    /// stored. The environment variable DVL_PACK=0 or DVL_PACK=1 overrides.
+    DVL_WEIGHTS_AUTO = 0,
+    /// Always repacked into panels: a copy of the text decoder's weights, about their size
+    /// in the checkpoint (dvl_model_panel_bytes() tells).
+    DVL_WEIGHTS_PANELS = 1,
+    /// Read as stored, in the mapped files or the caller's buffers: nothing copied.
+    DVL_WEIGHTS_AS_STORED = 2,
 }
 
 impl dvl_model_params {
@@ -485,14 +505,26 @@ impl dvl_model_params {
             reserved: 0,
             max_image_pixels: 0,
             max_image_bytes: 0,
+            weight_layout: dvl_weight_layout::DVL_WEIGHTS_AUTO as u32,
+            reserved2: 0,
         }
     }
 
-    fn validate(&self) -> Res {
-        if self.reserved != 0 {
-            return Err(Failure::invalid("dvl_model_params.reserved must be 0"));
+    /// The checked options: the weight layout to load with.
+    fn validate(&self) -> Res<WeightLayout> {
+        if self.reserved != 0 || self.reserved2 != 0 {
+            return Err(Failure::invalid(
+                "dvl_model_params.reserved and reserved2 must be 0",
+            ));
         }
-        Ok(())
+        match self.weight_layout {
+            0 => Ok(WeightLayout::Auto),
+            1 => Ok(WeightLayout::Panels),
+            2 => Ok(WeightLayout::AsStored),
+            l => Err(Failure::invalid(format!(
+                "weight_layout {l} is not a dvl_weight_layout (0 auto, 1 panels, 2 as stored)"
+            ))),
+        }
     }
 
     /// Apply the options to a loaded engine.
@@ -550,14 +582,15 @@ pub unsafe extern "C" fn dvl_model_load(
         let out = unsafe { out_ptr(out, "out") }?;
         let dir = unsafe { path(model_dir, "model_dir") }?;
         let p = unsafe { read_versioned::<dvl_model_params>(params) }?;
-        p.validate()?;
-        let mut engine = Engine::open(&dir)?;
+        let layout = p.validate()?;
+        let mut engine = Engine::open_with_layout(&dir, layout)?;
         p.apply(&mut engine);
         log::log(dvl_log_level::DVL_LOG_INFO, || {
             format!(
-                "loaded {} ({} text layers)",
+                "loaded {} ({} text layers, {})",
                 dir.display(),
-                engine.model.config.text.num_layers
+                engine.model.config.text.num_layers,
+                layout_note(&engine)
             )
         });
         *out = new_model(engine);
@@ -570,8 +603,8 @@ pub unsafe extern "C" fn dvl_model_load(
 /// none). The shards are read in place: they must stay valid and unchanged until the model
 /// and every context created from it are freed. (Where AVX2 is the CPU's best ISA, the text
 /// decoder's bf16 matrices are also repacked into an internal copy at load, for the AVX2
-/// kernels; the environment variable DVL_PACK=0 keeps them in place only.) config_json and tokenizer_json are
-/// only read during the call. params may be NULL.
+/// kernels; weight_layout = DVL_WEIGHTS_AS_STORED in params keeps them in place only.)
+/// config_json and tokenizer_json are only read during the call. params may be NULL.
 #[no_mangle]
 pub unsafe extern "C" fn dvl_model_load_from_memory(
     config_json: *const dvl_buffer,
@@ -605,17 +638,20 @@ pub unsafe extern "C" fn dvl_model_load_from_memory(
             named.push((format!("shard {i}"), Box::new(s)));
         }
         let p = unsafe { read_versioned::<dvl_model_params>(params) }?;
-        p.validate()?;
+        let layout = p.validate()?;
         let tok = if tokenizer_json.is_null() {
             None
         } else {
             let t = unsafe { *tokenizer_json };
             Some(unsafe { bytes(t.data, t.size, "tokenizer_json.data") }?)
         };
-        let mut engine = Engine::from_parts(cfg, named, tok)?;
+        let mut engine = Engine::from_parts_with_layout(cfg, named, tok, layout)?;
         p.apply(&mut engine);
         log::log(dvl_log_level::DVL_LOG_INFO, || {
-            format!("loaded a model from {n_shards} memory buffer(s)")
+            format!(
+                "loaded a model from {n_shards} memory buffer(s) ({})",
+                layout_note(&engine)
+            )
         });
         *out = new_model(engine);
         Ok(())
@@ -651,6 +687,35 @@ pub unsafe extern "C" fn dvl_model_token_text(
             unsafe { std::slice::from_raw_parts(text.as_ptr().cast(), text.len()) };
         unsafe { write_out(src, true, buf, buf_size, out_len, "buf") }
     })
+}
+
+/// The bytes of model's panel copy of the text decoder's weights (memory on top of the
+/// checkpoint; see dvl_weight_layout) in *out: 0 where the weights are read as stored.
+#[no_mangle]
+pub unsafe extern "C" fn dvl_model_panel_bytes(
+    model: *const dvl_model,
+    out: *mut u64,
+) -> dvl_status {
+    run("dvl_model_panel_bytes", || {
+        let m = unsafe { handle(model, "model") }?;
+        if out.is_null() {
+            return Err(Failure::null("out"));
+        }
+        unsafe { *out = m.0.engine.panel_cost().map_or(0, |c| c.bytes) };
+        Ok(())
+    })
+}
+
+/// The load log's words on the weight layout.
+fn layout_note(engine: &Engine) -> String {
+    match engine.panel_cost() {
+        Some(c) => format!(
+            "text weights in panels: a {:.3} GB copy, packed in {:.0} ms",
+            c.bytes as f64 / 1e9,
+            c.pack_ms.unwrap_or(0.0)
+        ),
+        None => "text weights read as stored".to_string(),
+    }
 }
 
 // ---------------------------------------------------------------------------------------
