@@ -324,3 +324,25 @@ fn panel_cost_follows_the_weight_layout() {
     e.set_packed(false);
     assert_eq!(e.panel_cost(), None);
 }
+
+#[test]
+fn the_weight_layout_is_the_callers_choice_at_load() {
+    use dvl::WeightLayout;
+    let stored = Engine::open_with_layout(&tiny(), WeightLayout::AsStored).unwrap();
+    assert!(!stored.model.is_packed() && stored.panel_cost().is_none());
+    let panels = Engine::open_with_layout(&tiny(), WeightLayout::Panels).unwrap();
+    assert!(panels.model.is_packed());
+    assert!(panels
+        .panel_cost()
+        .is_some_and(|c| c.bytes > 0 && c.pack_ms.is_some()));
+    let read = |f: &str| std::fs::read(tiny().join(f)).unwrap();
+    let (cfg, tok) = (read("config.json"), read("tokenizer.json"));
+    let shard: &'static [u8] = Box::leak(read("model.safetensors").into_boxed_slice());
+    let parts = |layout| {
+        let shards: Vec<(String, dvl::ShardBytes<'static>)> =
+            vec![("model.safetensors".to_string(), Box::new(shard))];
+        Engine::from_parts_with_layout(&cfg, shards, Some(&tok), layout).unwrap()
+    };
+    assert!(!parts(WeightLayout::AsStored).model.is_packed());
+    assert!(parts(WeightLayout::Panels).model.is_packed());
+}
