@@ -123,6 +123,25 @@ fn json_reports_the_panel_copy_and_its_cost() {
         "{stored}"
     );
     assert_eq!(stored["ids"], packed["ids"]);
+    // --weights decides over DVL_PACK.
+    for (weights, panels) in [("panels", true), ("stored", false)] {
+        let out = dvl()
+            .env("DVL_PACK", if panels { "0" } else { "1" })
+            .args(["generate", "--model", model.to_str().unwrap(), "--json"])
+            .args(["--prompt", "What is two plus two?", "--gen-length", "8"])
+            .args(["--weights", weights])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["panels"], panels, "--weights {weights}");
+        assert_eq!(v["panel_bytes"].is_null(), !panels, "--weights {weights}");
+        assert_eq!(v["ids"], packed["ids"]);
+    }
 }
 
 #[test]
@@ -209,6 +228,18 @@ fn bad_arguments_fail_with_a_message() {
                 "ten",
             ],
             "gen-length",
+        ),
+        (
+            &[
+                "generate",
+                "--model",
+                m,
+                "--prompt",
+                "x",
+                "--weights",
+                "packed",
+            ],
+            "--weights",
         ),
         (
             &[

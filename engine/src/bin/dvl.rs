@@ -9,16 +9,17 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use dvl::decoder::{BlockTrace, Observer, ProbeData};
-use dvl::{CpuBackend, Engine, GenerateParams, ImageInput, Request, Strategy};
+use dvl::{CpuBackend, Engine, GenerateParams, ImageInput, Request, Strategy, WeightLayout};
 
 const USAGE: &str = "usage:
   dvl synth --shape tiny|0.5b|3b|7b --out DIR [--seed N] [--tokenizer tokenizer.json]
   dvl bench --model DIR [--prefix 288] [--block 8] [--threads N] [--reps 5] [--no-vision]
-            [--isa portable|avx2|avx512] [--bf16] [--json]
+            [--isa portable|avx2|avx512] [--bf16] [--weights auto|panels|stored] [--json]
   dvl generate --model DIR [--image PATH]... --prompt TEXT [--gen-length 128] [--steps 8]
                [--block-size N] [--strategy static|dynamic] [--threshold 0.85]
                [--temperature 0] [--top-k 0] [--top-p 1] [--seed N] [--threads N]
-               [--no-fuse-commit] [--bf16] [--json] [--dump DIR] [--repeat N]
+               [--no-fuse-commit] [--bf16] [--weights auto|panels|stored] [--json]
+               [--dump DIR] [--repeat N]
 
 Defaults equal the reference evaluation (gen_length 128, 8 steps per block, greedy,
 low_confidence_static). --bf16 (or --amx) rounds matmul inputs to bf16, on AMX tiles
@@ -29,8 +30,9 @@ object (ids, text, prompt_rows, forward_passes, timings); --dump DIR writes the 
 probe tensors to DIR/dump.safetensors. --repeat N runs the request N times on the loaded
 model and reports each stage's median time (for timing without the model and tokenizer
 load). Where AVX2 is the CPU's best ISA the text decoder's bf16 weights are repacked into
-16-output panels at load (a copy of them; DVL_PACK=0 reads them as stored, DVL_PACK=1
-repacks on any CPU).";
+16-output panels at load (--weights auto, the default: a copy of them, skipped where it
+would not fit in available memory; DVL_PACK=0 or 1 overrides auto). --weights stored reads
+them as stored (no copy), --weights panels repacks on any CPU.";
 
 struct Args {
     flags: BTreeMap<String, Vec<String>>,
@@ -78,6 +80,21 @@ impl Args {
         }
         Ok(())
     }
+}
+
+/// The checkpoint at `model`, its text weights laid out as `--weights` says.
+fn open_engine(model: &str, args: &Args) -> Result<Engine, String> {
+    let layout = match args.one("weights").unwrap_or("auto") {
+        "auto" => WeightLayout::Auto,
+        "panels" => WeightLayout::Panels,
+        "stored" => WeightLayout::AsStored,
+        other => {
+            return Err(format!(
+                "--weights {other:?}: expected auto, panels or stored"
+            ))
+        }
+    };
+    Engine::open_with_layout(&PathBuf::from(model), layout).map_err(|e| e.to_string())
 }
 
 /// A dumped tensor: name, shape, little-endian bytes, dtype.
@@ -166,6 +183,7 @@ fn generate(args: &Args) -> Result<(), String> {
         "threads",
         "dump",
         "repeat",
+        "weights",
     ])?;
     let model = args.one("model").ok_or("--model DIR is required")?;
     let prompt = args.one("prompt").ok_or("--prompt TEXT is required")?;
@@ -188,7 +206,7 @@ fn generate(args: &Args) -> Result<(), String> {
     };
     params.validate().map_err(|e| e.to_string())?;
     let threads: usize = args.num("threads", 0)?;
-    let engine = Engine::open(&PathBuf::from(model)).map_err(|e| e.to_string())?;
+    let engine = open_engine(model, args)?;
     let mut be = CpuBackend::with_threads(threads).map_err(|e| e.to_string())?;
     if args.has("bf16") || args.has("amx") {
         be = be.with_bf16(true);
@@ -329,9 +347,11 @@ fn synth(args: &Args) -> Result<(), String> {
 }
 
 fn bench(args: &Args) -> Result<(), String> {
-    args.check_known(&["model", "prefix", "block", "threads", "reps", "isa"])?;
+    args.check_known(&[
+        "model", "prefix", "block", "threads", "reps", "isa", "weights",
+    ])?;
     let model = args.one("model").ok_or("--model DIR is required")?;
-    let engine = Engine::open(&PathBuf::from(model)).map_err(|e| e.to_string())?;
+    let engine = open_engine(model, args)?;
     let mut be = CpuBackend::with_threads(args.num("threads", 0)?).map_err(|e| e.to_string())?;
     if let Some(name) = args.one("isa") {
         let isa = dvl::backend::parse_isa(name)
