@@ -71,8 +71,14 @@ fn every_golden_case_through_cli_json() {
 /// `dvl generate --json` on model a's golden question with `gen_length` and `extra`
 /// arguments; fails the test unless it succeeds.
 fn generate_json(gen_length: &str, extra: &[&str]) -> Value {
+    generate_json_env(&[], gen_length, extra)
+}
+
+/// [`generate_json`] with environment variables set.
+fn generate_json_env(env: &[(&str, &str)], gen_length: &str, extra: &[&str]) -> Value {
     let model = model_dir("a").unwrap();
     let out = dvl()
+        .envs(env.iter().copied())
         .args(["generate", "--model", model.to_str().unwrap(), "--json"])
         .args([
             "--prompt",
@@ -93,30 +99,18 @@ fn generate_json(gen_length: &str, extra: &[&str]) -> Value {
 
 #[test]
 fn json_reports_the_panel_copy_and_its_cost() {
-    let packed = generate_json("8", &[]);
-    if packed["panels"] == true {
-        assert!(
-            packed["panel_bytes"].as_u64().is_some_and(|b| b > 0),
-            "{packed}"
-        );
-        assert!(
-            packed["pack_ms"].as_f64().is_some_and(|ms| ms >= 0.0),
-            "{packed}"
-        );
-    }
-    let model = model_dir("a").unwrap();
-    let out = dvl()
-        .env("DVL_PACK", "0")
-        .args(["generate", "--model", model.to_str().unwrap(), "--json"])
-        .args(["--prompt", "What is two plus two?", "--gen-length", "8"])
-        .output()
-        .unwrap();
+    let run = |pack: &str, extra: &[&str]| generate_json_env(&[("DVL_PACK", pack)], "8", extra);
+    let packed = run("1", &[]);
+    assert_eq!(packed["panels"], true);
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        packed["panel_bytes"].as_u64().is_some_and(|b| b > 0),
+        "{packed}"
     );
-    let stored: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        packed["pack_ms"].as_f64().is_some_and(|ms| ms >= 0.0),
+        "{packed}"
+    );
+    let stored = run("0", &[]);
     assert_eq!(stored["panels"], false);
     assert!(
         stored["panel_bytes"].is_null() && stored["pack_ms"].is_null(),
@@ -124,20 +118,8 @@ fn json_reports_the_panel_copy_and_its_cost() {
     );
     assert_eq!(stored["ids"], packed["ids"]);
     // --weights decides over DVL_PACK.
-    for (weights, panels) in [("panels", true), ("stored", false)] {
-        let out = dvl()
-            .env("DVL_PACK", if panels { "0" } else { "1" })
-            .args(["generate", "--model", model.to_str().unwrap(), "--json"])
-            .args(["--prompt", "What is two plus two?", "--gen-length", "8"])
-            .args(["--weights", weights])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for (weights, panels, pack) in [("panels", true, "0"), ("stored", false, "1")] {
+        let v = run(pack, &["--weights", weights]);
         assert_eq!(v["panels"], panels, "--weights {weights}");
         assert_eq!(v["panel_bytes"].is_null(), !panels, "--weights {weights}");
         assert_eq!(v["ids"], packed["ids"]);
