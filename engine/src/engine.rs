@@ -92,6 +92,19 @@ pub struct PanelCost {
     pub pack_ms: Option<f64>,
 }
 
+impl std::fmt::Display for PanelCost {
+    /// "6.17 GB copy, packed in 14.9 s" ("in 34 ms" under a second; no time where it is
+    /// unknown).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.2} GB copy", self.bytes as f64 / 1e9)?;
+        match self.pack_ms {
+            Some(ms) if ms < 1e3 => write!(f, ", packed in {ms:.0} ms"),
+            Some(ms) => write!(f, ", packed in {:.1} s", ms / 1e3),
+            None => Ok(()),
+        }
+    }
+}
+
 /// A loaded model and its tokenizer. Read-only after load; share it across threads.
 pub struct Engine {
     pub model: Model<'static>,
@@ -174,13 +187,12 @@ fn pack_if_worthwhile(model: &mut Model<'static>, layout: WeightLayout) -> Optio
         return None;
     }
     let ms = pack_timed(model);
-    let bytes = model.packed_bytes();
-    if bytes > 1 << 30 {
-        eprintln!(
-            "dvl: text decoder weights repacked into panels ({:.2} GB) in {:.1} s",
-            bytes as f64 / 1e9,
-            ms / 1e3
-        );
+    let cost = PanelCost {
+        bytes: model.packed_bytes() as u64,
+        pack_ms: Some(ms),
+    };
+    if cost.bytes > 1 << 30 {
+        eprintln!("dvl: text decoder weights repacked into panels ({cost})");
     }
     Some(ms)
 }
@@ -533,7 +545,21 @@ impl Observer for TimedObserver<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::mem_available_kb;
+    use super::{mem_available_kb, PanelCost};
+
+    #[test]
+    fn panel_cost_reads_as_size_and_time() {
+        let cost = |bytes, pack_ms| PanelCost { bytes, pack_ms }.to_string();
+        assert_eq!(
+            cost(6_171_394_048, Some(14_945.4)),
+            "6.17 GB copy, packed in 14.9 s"
+        );
+        assert_eq!(
+            cost(19_705_856, Some(34.2)),
+            "0.02 GB copy, packed in 34 ms"
+        );
+        assert_eq!(cost(19_705_856, None), "0.02 GB copy");
+    }
 
     #[test]
     fn available_memory_is_read_from_meminfo() {

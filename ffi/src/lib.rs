@@ -709,11 +709,7 @@ pub unsafe extern "C" fn dvl_model_panel_bytes(
 /// The load log's words on the weight layout.
 fn layout_note(engine: &Engine) -> String {
     match engine.panel_cost() {
-        Some(c) => format!(
-            "text weights in panels: a {:.3} GB copy, packed in {:.0} ms",
-            c.bytes as f64 / 1e9,
-            c.pack_ms.unwrap_or(0.0)
-        ),
+        Some(c) => format!("text weights in panels: {c}"),
         None => "text weights read as stored".to_string(),
     }
 }

@@ -281,6 +281,7 @@ fn generate(args: &Args) -> Result<(), String> {
     let o = &g.output;
     if json {
         let grids: Vec<[usize; 3]> = g.image_grids.iter().map(|gr| [gr.t, gr.h, gr.w]).collect();
+        let cost = engine.panel_cost();
         let v = serde_json::json!({
             "ids": o.ids,
             "text": g.text,
@@ -305,8 +306,8 @@ fn generate(args: &Args) -> Result<(), String> {
             "bf16": be.bf16(),
             "amx": be.amx(),
             "panels": engine.model.is_packed(),
-            "panel_bytes": engine.panel_cost().map(|c| c.bytes),
-            "pack_ms": engine.panel_cost().and_then(|c| c.pack_ms),
+            "panel_bytes": cost.map(|c| c.bytes),
+            "pack_ms": cost.and_then(|c| c.pack_ms),
             "timings": {
                 "preprocess_ms": g.timings.preprocess_ms, "vision_ms": g.timings.vision_ms,
                 "prefill_ms": g.timings.prefill_ms, "decode_ms": g.timings.decode_ms,
@@ -380,10 +381,11 @@ fn bench(args: &Args) -> Result<(), String> {
     };
     let r = dvl::bench::run(&engine, &be, &cfg).map_err(|e| e.to_string())?;
     if args.has("json") {
+        let cost = engine.panel_cost();
         let v = serde_json::json!({
             "model": model, "threads": r.threads, "isa": r.isa, "panels": engine.model.is_packed(),
-            "panel_bytes": engine.panel_cost().map(|c| c.bytes),
-            "pack_ms": engine.panel_cost().and_then(|c| c.pack_ms),
+            "panel_bytes": cost.map(|c| c.bytes),
+            "pack_ms": cost.and_then(|c| c.pack_ms),
             "prefix": cfg.prefix, "block": cfg.block,
             "vision_ms": r.vision_ms, "prefill_ms": r.prefill_ms, "step_ms": r.step_ms, "commit_ms": r.commit_ms,
             "lm_weight_bytes": r.lm_weight_bytes, "read_gbps": r.read_gbps, "roofline_step_ms": r.roofline_step_ms,
@@ -392,12 +394,7 @@ fn bench(args: &Args) -> Result<(), String> {
         println!("{v}");
     } else {
         let layout = match engine.panel_cost() {
-            Some(c) => format!(
-                "weights in panels ({:.2} GB copy{})",
-                c.bytes as f64 / 1e9,
-                c.pack_ms
-                    .map_or(String::new(), |ms| format!(", packed in {:.1} s", ms / 1e3))
-            ),
+            Some(c) => format!("weights in panels ({c})"),
             None => "weights as stored".to_string(),
         };
         println!("model {model}: {} threads, {}, {layout}", r.threads, r.isa);

@@ -22,8 +22,9 @@ use crate::packed::{k_block, PackedBf16, PanelRows, PANEL};
 /// tiles over 2 or 4 panels (1 or 2 rows), for panels of at least [`LONG_PANEL_BYTES`].
 const PREFETCH_BYTES: usize = 1024;
 
-/// The same for one-panel tiles (3 or 4 rows: the step's 8 rows run as two such groups),
-/// whose single stream needs more lines in flight to cover DRAM latency: 64 lines, about
+/// The same for one-panel tiles (3 or 4 rows: the step's 8 rows run as two such groups;
+/// 1 or 2 rows only at a range's last panel), whose single stream needs more lines in
+/// flight to cover DRAM latency: 64 lines, about
 /// what a 1 × 64 tile keeps in flight over its four streams. Measured on Zen 3, 2 threads,
 /// against 1 KiB: 8 × 2048 × 11008 +5 to +8%, 8 × 896 × 4864 +2 to +6%, 4 rows +1 to +10%;
 /// 2 KiB per stream for the 2 × 32 tile's two streams was 6-12% slower.
