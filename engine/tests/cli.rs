@@ -180,6 +180,30 @@ fn plain_mode_streams_text() {
     assert!(text.starts_with(" cat book"), "{text:?}");
 }
 
+/// A reader that has gone (`dvl generate ... | head -c 1`) ends the program quietly, with
+/// success: no panic from writing to a closed pipe.
+#[test]
+fn closed_stdout_pipe_is_not_a_panic() {
+    use std::process::Stdio;
+    let model = model_dir("a").unwrap();
+    for extra in [&["--json"][..], &[][..]] {
+        let mut child = dvl()
+            .args(["generate", "--model", model.to_str().unwrap()])
+            .args(["--prompt", "What is two plus two?", "--gen-length", "16"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Closed before the model has loaded: every write of the run meets the closed pipe.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{extra:?}: {stderr}");
+        assert!(out.status.success(), "{extra:?}: {:?} {stderr}", out.status);
+    }
+}
+
 #[test]
 fn bad_arguments_fail_with_a_message() {
     let model = model_dir("a").unwrap();

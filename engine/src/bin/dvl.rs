@@ -4,7 +4,7 @@
 //! parser crate would cost more build time than these forty lines.
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{ErrorKind, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -33,6 +33,25 @@ load). Where AVX2 is the CPU's best ISA the text decoder's bf16 weights are repa
 16-output panels at load (--weights auto, the default: a copy of them, skipped where it
 would not fit in available memory; DVL_PACK=0 or 1 overrides auto). --weights stored reads
 them as stored (no copy), --weights panels repacks on any CPU.";
+
+/// `print!` to standard output, flushed. Rust ignores SIGPIPE, so a plain `print!` panics
+/// when the reader has gone (`dvl bench | head -1`); here a closed pipe ends the program
+/// quietly with success, as Unix tools do, and any other write error (a full disk) ends it
+/// with a message and failure.
+macro_rules! out {
+    ($($arg:tt)*) => { write_stdout(format_args!($($arg)*)) };
+}
+
+fn write_stdout(args: std::fmt::Arguments<'_>) {
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+        if e.kind() == ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("dvl: error: writing to standard output: {e}");
+        std::process::exit(1);
+    }
+}
 
 struct Args {
     flags: BTreeMap<String, Vec<String>>,
@@ -124,8 +143,7 @@ impl Observer for CliObserver<'_> {
             .collect();
         if let Ok(text) = tok.decode_answer(&done) {
             if let Some(new) = text.strip_prefix(self.printed.as_str()) {
-                print!("{new}");
-                let _ = std::io::stdout().flush();
+                out!("{new}");
                 self.printed = text;
             }
         }
@@ -314,13 +332,13 @@ fn generate(args: &Args) -> Result<(), String> {
                 "total_ms": g.timings.total_ms,
             },
         });
-        println!("{v}");
+        out!("{v}\n");
     } else {
         // Print whatever streaming did not (the final text is authoritative).
         if let Some(rest) = g.text.strip_prefix(obs.printed.as_str()) {
-            print!("{rest}");
+            out!("{rest}");
         }
-        println!();
+        out!("\n");
         eprintln!(
             "dvl: {} prompt rows, {} forward passes ({} calls), {:.1} ms total",
             o.prompt_rows, o.forward_passes, o.forward_calls, g.timings.total_ms
@@ -391,21 +409,25 @@ fn bench(args: &Args) -> Result<(), String> {
             "lm_weight_bytes": r.lm_weight_bytes, "read_gbps": r.read_gbps, "roofline_step_ms": r.roofline_step_ms,
             "step_over_roofline": r.step_ms / r.roofline_step_ms,
         });
-        println!("{v}");
+        out!("{v}\n");
     } else {
         let layout = match engine.panel_cost() {
             Some(c) => format!("weights in panels ({c})"),
             None => "weights as stored".to_string(),
         };
-        println!("model {model}: {} threads, {}, {layout}", r.threads, r.isa);
+        out!(
+            "model {model}: {} threads, {}, {layout}\n",
+            r.threads,
+            r.isa
+        );
         if let Some(v) = r.vision_ms {
-            println!("vision ({0}x{0}):   {v:10.2} ms", cfg.image_side);
+            out!("vision ({0}x{0}):   {v:10.2} ms\n", cfg.image_side);
         }
-        println!("prefill ({}):      {:10.2} ms", cfg.prefix, r.prefill_ms);
-        println!("denoise step:      {:10.2} ms", r.step_ms);
-        println!("commit step:       {:10.2} ms", r.commit_ms);
-        println!(
-            "roofline step:     {:10.2} ms  ({:.2} GB LM weights / {:.1} GB/s); step = {:.2}x roofline",
+        out!("prefill ({}):      {:10.2} ms\n", cfg.prefix, r.prefill_ms);
+        out!("denoise step:      {:10.2} ms\n", r.step_ms);
+        out!("commit step:       {:10.2} ms\n", r.commit_ms);
+        out!(
+            "roofline step:     {:10.2} ms  ({:.2} GB LM weights / {:.1} GB/s); step = {:.2}x roofline\n",
             r.roofline_step_ms,
             r.lm_weight_bytes as f64 / 1e9,
             r.read_gbps,
@@ -429,7 +451,7 @@ fn main() -> ExitCode {
         }
     };
     if args.has("help") || cmd == "--help" || cmd == "help" {
-        println!("{USAGE}");
+        out!("{USAGE}\n");
         return ExitCode::SUCCESS;
     }
     let r = match cmd.as_str() {
