@@ -447,9 +447,12 @@ const char *dvl_status_string(int32_t status);
 const char *dvl_last_error(const struct dvl_context *ctx);
 
 /**
- * Install the log callback, or remove it with NULL (the default: dvl logs nothing).
- * Messages below min_level (a dvl_log_level) are not built. Failures are logged at
- * DVL_LOG_ERROR (cancellation at DVL_LOG_INFO) in addition to their status.
+ * Install the log callback, or remove it with NULL (the default: dvl logs nothing, and
+ * never writes to stdout or stderr). Messages below min_level (a dvl_log_level) are not
+ * built. Failures are logged at DVL_LOG_ERROR (cancellation at DVL_LOG_INFO) in addition to
+ * their status. Loading reports its steps (each shard mapped, the panel copy) at
+ * DVL_LOG_INFO for checkpoints over a GiB and DVL_LOG_DEBUG otherwise, and a panel copy
+ * refused for lack of memory at DVL_LOG_WARN.
  *
  * This is the library's only process-wide state: it may be called before any other call,
  * and from any thread. A message already being delivered on another thread may still

@@ -191,10 +191,21 @@ fn pack_if_worthwhile(model: &mut Model<'static>, layout: WeightLayout) -> Optio
         bytes: model.packed_bytes() as u64,
         pack_ms: Some(ms),
     };
-    if cost.bytes > 1 << 30 {
-        eprintln!("dvl: text decoder weights repacked into panels ({cost})");
-    }
+    log::log!(
+        notice_level(cost.bytes),
+        "text decoder weights repacked into panels ({cost})"
+    );
     Some(ms)
+}
+
+/// The level of a load notice about `bytes`: `Info` (shown by the CLI) where loading takes
+/// long enough for a person to wonder why (over a GiB), `Debug` otherwise.
+fn notice_level(bytes: u64) -> log::Level {
+    if bytes > 1 << 30 {
+        log::Level::Info
+    } else {
+        log::Level::Debug
+    }
 }
 
 /// [`Model::pack_weights`] on this machine's cores; returns the milliseconds it took.
@@ -214,8 +225,8 @@ fn fits_in_memory(bytes: u64) -> bool {
     };
     match mem_available_kb(&info) {
         Some(kb) if bytes + (1 << 30) > kb * 1024 => {
-            eprintln!(
-                "dvl: text decoder weights left as stored: a panel copy ({:.2} GB) would not fit \
+            log::warn!(
+                "text decoder weights left as stored: a panel copy ({:.2} GB) would not fit \
                  in the {:.2} GB available (DVL_PACK=1 forces it)",
                 bytes as f64 / 1e9,
                 kb as f64 * 1024.0 / 1e9
@@ -279,20 +290,17 @@ impl Engine {
             .filter_map(|f| std::fs::metadata(f).ok())
             .map(|m| m.len())
             .sum();
-        let show_progress = total > (1 << 30);
         for (i, f) in files.iter().enumerate() {
             let file = std::fs::File::open(f).map_err(|e| io_err(f, e))?;
-            if show_progress {
-                let bytes = file.metadata().map_or(0, |m| m.len());
-                eprintln!(
-                    "dvl: mapping shard {}/{} {} ({:.2} of {:.2} GB)",
-                    i + 1,
-                    files.len(),
-                    f.display(),
-                    bytes as f64 / 1e9,
-                    total as f64 / 1e9
-                );
-            }
+            log::log!(
+                notice_level(total),
+                "mapping shard {}/{} {} ({:.2} of {:.2} GB)",
+                i + 1,
+                files.len(),
+                f.display(),
+                file.metadata().map_or(0, |m| m.len()) as f64 / 1e9,
+                total as f64 / 1e9
+            );
             // SAFETY: the map is read-only; modifying a checkpoint while it is loaded is
             // outside what any loader can defend against (same contract as safetensors').
             let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io_err(f, e))?;

@@ -5,6 +5,10 @@
 //! preprocessing of RGB8 buffers) is `no_std` + `alloc`. The `std` feature adds checkpoint
 //! directories (memory-mapped), the tokenizer, image file decoding, threads and the CLI.
 #![cfg_attr(not(feature = "std"), no_std)]
+// A library embedded in other programs never prints: its notices (shard mapping progress,
+// the panel copy, memory refusals) go to the `log` facade, target `dvl::…`, where the CLI
+// shows them on stderr and libdvl hands them to the C log callback.
+#![cfg_attr(not(test), warn(clippy::print_stdout, clippy::print_stderr))]
 
 extern crate alloc;
 

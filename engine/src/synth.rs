@@ -292,14 +292,9 @@ pub fn in_memory(s: &Shape, seed: u64) -> (Vec<u8>, Vec<u8>) {
 const SHARD_BYTES: u64 = 5 << 30;
 
 /// Write a random-weight checkpoint of `shape` to `out` (bf16, sharded like the releases).
-/// `tokenizer` (a tokenizer.json) is copied when given.
-pub fn write_checkpoint(
-    s: &Shape,
-    out: &Path,
-    seed: u64,
-    tokenizer: Option<&Path>,
-    progress: bool,
-) -> Result<u64> {
+/// `tokenizer` (a tokenizer.json) is copied when given. Each shard written is logged
+/// (`log`, info).
+pub fn write_checkpoint(s: &Shape, out: &Path, seed: u64, tokenizer: Option<&Path>) -> Result<u64> {
     let io = |p: &Path, e: std::io::Error| Error::Io {
         path: p.display().to_string(),
         detail: e.to_string(),
@@ -348,13 +343,11 @@ pub fn write_checkpoint(
             .and_then(|_| w.flush())
             .map_err(|e| io(&path, e))?;
         total += off;
-        if progress {
-            eprintln!(
-                "dvl synth: wrote {} ({:.2} GB)",
-                path.display(),
-                off as f64 / 1e9
-            );
-        }
+        log::info!(
+            "synth: wrote {} ({:.2} GB)",
+            path.display(),
+            off as f64 / 1e9
+        );
     }
     if n > 1 {
         let idx = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});

@@ -346,3 +346,56 @@ fn the_weight_layout_is_the_callers_choice_at_load() {
     assert!(!parts(WeightLayout::AsStored).model.is_packed());
     assert!(parts(WeightLayout::Panels).model.is_packed());
 }
+
+/// The engine never prints: its load notices are `log` records (target `dvl::…`), which a
+/// program shows or drops as it likes (the CLI shows info and up on stderr; libdvl hands
+/// them to the C log callback). Records are kept per thread: other tests load too.
+#[test]
+fn load_notices_are_log_records() {
+    use std::sync::Mutex;
+    use std::thread::ThreadId;
+    static SEEN: Mutex<Vec<(ThreadId, log::Level, String, String)>> = Mutex::new(Vec::new());
+    struct Keep;
+    impl log::Log for Keep {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            true
+        }
+        fn log(&self, r: &log::Record<'_>) {
+            let seen = (
+                std::thread::current().id(),
+                r.level(),
+                r.target().to_string(),
+                r.args().to_string(),
+            );
+            SEEN.lock().unwrap().push(seen);
+        }
+        fn flush(&self) {}
+    }
+    log::set_logger(&Keep).expect("the only logger of this test binary");
+    log::set_max_level(log::LevelFilter::Trace);
+
+    let e = Engine::open_with_layout(&tiny(), dvl::WeightLayout::Panels).unwrap();
+    let cost = e.panel_cost().unwrap();
+    let me = std::thread::current().id();
+    let mine: Vec<_> = SEEN
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.0 == me)
+        .cloned()
+        .collect();
+    // A checkpoint under a GiB: its notices are debug, below what the CLI shows.
+    let panels: Vec<_> = mine
+        .iter()
+        .filter(|s| s.3.contains("repacked into panels"))
+        .collect();
+    assert_eq!(panels.len(), 1, "{mine:?}");
+    assert_eq!(panels[0].1, log::Level::Debug);
+    assert!(panels[0].2.starts_with("dvl"), "{:?}", panels[0]);
+    assert!(panels[0].3.contains(&cost.to_string()), "{:?}", panels[0]);
+    assert!(
+        mine.iter()
+            .any(|s| s.1 == log::Level::Debug && s.3.starts_with("mapping shard 1/1")),
+        "{mine:?}"
+    );
+}

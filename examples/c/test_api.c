@@ -220,16 +220,19 @@ static int same_ids(const uint32_t *a, const uint32_t *b) {
     return memcmp(a, b, G * sizeof *a) == 0;
 }
 
-/* Log sink: counts messages (from any thread). */
+/* Log sink: counts messages (from any thread), and the engine's panel-copy notice (a small
+ * copy: DVL_LOG_DEBUG), which reaches the callback instead of stderr. */
 static pthread_mutex_t g_log_mu = PTHREAD_MUTEX_INITIALIZER;
-static int g_log_count, g_log_errors;
+static int g_log_count, g_log_errors, g_log_repacked;
 
 static void on_log(dvl_log_level level, const char *message, void *user_data) {
-    (void)message;
     pthread_mutex_lock(&g_log_mu);
     g_log_count++;
     if (level == DVL_LOG_ERROR) {
         g_log_errors++;
+    }
+    if (level == DVL_LOG_DEBUG && strstr(message, "repacked into panels") != NULL) {
+        g_log_repacked++;
     }
     if (user_data != NULL) {
         fprintf(stderr, "dvl[%d]: %s\n", (int)level, message);
@@ -423,8 +426,15 @@ static void test_weight_layouts(const char *model_dir) {
           dvl_last_error(NULL));
     mp.weight_layout = DVL_WEIGHTS_AS_STORED;
     EXPECT(dvl_model_load(model_dir, &mp, &stored), DVL_OK);
+    pthread_mutex_lock(&g_log_mu);
+    g_log_repacked = 0;
+    pthread_mutex_unlock(&g_log_mu);
     mp.weight_layout = DVL_WEIGHTS_PANELS;
     EXPECT(dvl_model_load(model_dir, &mp, &panels), DVL_OK);
+    pthread_mutex_lock(&g_log_mu);
+    CHECK(g_log_repacked == 1, "the engine's panel notice reached the log callback %d times",
+          g_log_repacked);
+    pthread_mutex_unlock(&g_log_mu);
     if (stored == NULL || panels == NULL) {
         dvl_model_free(&stored);
         dvl_model_free(&panels);

@@ -190,9 +190,12 @@ pub type dvl_log_callback = Option<
     unsafe extern "C" fn(level: dvl_log_level, message: *const c_char, user_data: *mut c_void),
 >;
 
-/// Install the log callback, or remove it with NULL (the default: dvl logs nothing).
-/// Messages below min_level (a dvl_log_level) are not built. Failures are logged at
-/// DVL_LOG_ERROR (cancellation at DVL_LOG_INFO) in addition to their status.
+/// Install the log callback, or remove it with NULL (the default: dvl logs nothing, and
+/// never writes to stdout or stderr). Messages below min_level (a dvl_log_level) are not
+/// built. Failures are logged at DVL_LOG_ERROR (cancellation at DVL_LOG_INFO) in addition to
+/// their status. Loading reports its steps (each shard mapped, the panel copy) at
+/// DVL_LOG_INFO for checkpoints over a GiB and DVL_LOG_DEBUG otherwise, and a panel copy
+/// refused for lack of memory at DVL_LOG_WARN.
 ///
 /// This is the library's only process-wide state: it may be called before any other call,
 /// and from any thread. A message already being delivered on another thread may still

@@ -1,6 +1,10 @@
 //! The log sink: the one piece of process-wide state (it must be installable before any
 //! model or context exists). A lock-protected slot; the callback is called without the
 //! lock held, so it may itself call into dvl.
+//!
+//! The engine crate never prints; its notices (shard mapping progress, the panel copy,
+//! memory refusals) are `log` records of `dvl::…` targets, which [`Bridge`] hands to the
+//! same callback. Without a callback nothing is written anywhere.
 
 use std::ffi::c_void;
 use std::sync::RwLock;
@@ -26,6 +30,44 @@ pub(crate) fn set(callback: dvl_log_callback, min_level: u32, user_data: *mut c_
         min_level,
     });
     *SINK.write().unwrap_or_else(|e| e.into_inner()) = sink;
+    if sink.is_some() {
+        // Once per process; where the host program (a Rust one) installed its own `log`
+        // logger first, the engine's records go to that logger instead.
+        static BRIDGE_INSTALLED: std::sync::Once = std::sync::Once::new();
+        BRIDGE_INSTALLED.call_once(|| {
+            if ::log::set_logger(&Bridge).is_ok() {
+                ::log::set_max_level(::log::LevelFilter::Trace);
+            }
+        });
+    }
+}
+
+/// The engine's `log` records to the callback, at the matching dvl_log_level.
+struct Bridge;
+
+fn level_of(level: ::log::Level) -> dvl_log_level {
+    match level {
+        ::log::Level::Error => dvl_log_level::DVL_LOG_ERROR,
+        ::log::Level::Warn => dvl_log_level::DVL_LOG_WARN,
+        ::log::Level::Info => dvl_log_level::DVL_LOG_INFO,
+        ::log::Level::Debug | ::log::Level::Trace => dvl_log_level::DVL_LOG_DEBUG,
+    }
+}
+
+impl ::log::Log for Bridge {
+    fn enabled(&self, m: &::log::Metadata<'_>) -> bool {
+        let sink = *SINK.read().unwrap_or_else(|e| e.into_inner());
+        m.target().starts_with("dvl")
+            && sink.is_some_and(|s| level_of(m.level()) as u32 >= s.min_level)
+    }
+
+    fn log(&self, r: &::log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            log(level_of(r.level()), || r.args().to_string());
+        }
+    }
+
+    fn flush(&self) {}
 }
 
 /// Send a message (built only if a sink wants it) to the installed callback.

@@ -353,9 +353,8 @@ fn synth(args: &Args) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let out = PathBuf::from(args.one("out").ok_or("--out DIR is required")?);
     let tok = args.one("tokenizer").map(PathBuf::from);
-    let bytes =
-        dvl::synth::write_checkpoint(&shape, &out, args.num("seed", 0)?, tok.as_deref(), true)
-            .map_err(|e| e.to_string())?;
+    let bytes = dvl::synth::write_checkpoint(&shape, &out, args.num("seed", 0)?, tok.as_deref())
+        .map_err(|e| e.to_string())?;
     eprintln!(
         "dvl synth: {} checkpoint ({:.2} GB of bf16 weights) in {}",
         shape.name,
@@ -437,7 +436,26 @@ fn bench(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
+/// The library's notices (`log` records of its `dvl::…` targets: shard mapping progress,
+/// the panel copy, memory refusals) on standard error, from info up.
+struct StderrNotices;
+
+impl log::Log for StderrNotices {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::Level::Info && m.target().starts_with("dvl")
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            eprintln!("dvl: {}", r.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
 fn main() -> ExitCode {
+    if log::set_logger(&StderrNotices).is_ok() {
+        log::set_max_level(log::LevelFilter::Info);
+    }
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = argv.first() else {
         eprintln!("{USAGE}");
