@@ -39,6 +39,42 @@ impl Default for BenchConfig {
     }
 }
 
+impl BenchConfig {
+    /// The checks [`run`] makes before allocating anything: a block of 1..=1024 rows (as
+    /// generation takes), a prefix of at least one block whose rows plus the two blocks the
+    /// step and commit add fit in `max_positions` (the model's `max_position_embeddings`),
+    /// 1..=10,000 repetitions, an image side of 28..=4096 pixels.
+    pub fn validate(&self, max_positions: usize) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidArgument(m));
+        let b = self.block;
+        if b == 0 || b > 1024 {
+            return bad(format!("block {b} must be in 1..=1024"));
+        }
+        if self.prefix < b {
+            return bad(format!(
+                "prefix {} must hold at least one block of {b}",
+                self.prefix
+            ));
+        }
+        if self.prefix.saturating_add(2 * b) > max_positions {
+            return bad(format!(
+                "prefix {} + two blocks of {b} exceeds max_position_embeddings {max_positions}",
+                self.prefix
+            ));
+        }
+        if self.reps == 0 || self.reps > 10_000 {
+            return bad(format!("reps {} must be in 1..=10000", self.reps));
+        }
+        if self.vision && !(28..=4096).contains(&self.image_side) {
+            return bad(format!(
+                "image_side {} must be in 28..=4096",
+                self.image_side
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct BenchResult {
     pub vision_ms: Option<f64>,
@@ -143,14 +179,9 @@ pub fn run(engine: &Engine, be: &CpuBackend, cfg: &BenchConfig) -> Result<BenchR
     let model = &engine.model;
     let text = &model.text;
     let h = text.cfg.hidden_size;
+    cfg.validate(text.cfg.max_position_embeddings)?;
     let b = cfg.block;
     let prefix = cfg.prefix / b * b;
-    if prefix == 0 || b == 0 {
-        return Err(Error::InvalidArgument(format!(
-            "prefix {} must hold at least one block of {b}",
-            cfg.prefix
-        )));
-    }
     let mut res = BenchResult {
         lm_weight_bytes: model.lm_weight_bytes(),
         threads: be.threads(),
@@ -209,4 +240,86 @@ pub fn run(engine: &Engine, be: &CpuBackend, cfg: &BenchConfig) -> Result<BenchR
     res.read_gbps = read_bandwidth_gbps(be.threads());
     res.roofline_step_ms = res.lm_weight_bytes as f64 / (res.read_gbps * 1e9) * 1e3;
     Ok(res)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_limits_are_checked_before_anything_runs() {
+        let ok = BenchConfig::default();
+        assert!(ok.validate(128_000).is_ok());
+        let bad = [
+            (
+                BenchConfig {
+                    block: 0,
+                    ..ok.clone()
+                },
+                "block 0",
+            ),
+            (
+                BenchConfig {
+                    block: 1025,
+                    ..ok.clone()
+                },
+                "block 1025",
+            ),
+            (
+                BenchConfig {
+                    prefix: 7,
+                    ..ok.clone()
+                },
+                "prefix 7",
+            ),
+            (
+                BenchConfig {
+                    prefix: usize::MAX,
+                    ..ok.clone()
+                },
+                "max_position_embeddings",
+            ),
+            (
+                BenchConfig {
+                    prefix: 127_985,
+                    ..ok.clone()
+                },
+                "max_position_embeddings",
+            ),
+            (
+                BenchConfig {
+                    reps: 0,
+                    ..ok.clone()
+                },
+                "reps 0",
+            ),
+            (
+                BenchConfig {
+                    image_side: 27,
+                    ..ok.clone()
+                },
+                "image_side 27",
+            ),
+        ];
+        for (cfg, needle) in bad {
+            match cfg.validate(128_000) {
+                Err(Error::InvalidArgument(m)) => assert!(m.contains(needle), "{m}"),
+                other => panic!("{cfg:?}: {other:?}"),
+            }
+        }
+        // The largest prefix that fits, and no image check without vision.
+        assert!(BenchConfig {
+            prefix: 127_984,
+            ..ok.clone()
+        }
+        .validate(128_000)
+        .is_ok());
+        assert!(BenchConfig {
+            image_side: 0,
+            vision: false,
+            ..ok
+        }
+        .validate(128_000)
+        .is_ok());
+    }
 }

@@ -284,6 +284,14 @@ fn bad_arguments_fail_with_a_message() {
             "--repeat",
         ),
         (&["frobnicate"], "unknown command"),
+        // Checked before anything is allocated (a 10^8-row prefix used to abort in alloc).
+        (&["bench", "--model", m, "--block", "0"], "block 0"),
+        (
+            &["bench", "--model", m, "--prefix", "100000000"],
+            "max_position_embeddings",
+        ),
+        (&["bench", "--model", m, "--prefix", "4"], "prefix 4"),
+        (&["bench", "--model", m, "--reps", "0"], "reps 0"),
     ];
     for (args, needle) in cases {
         let out = dvl().args(*args).output().unwrap();
