@@ -246,8 +246,19 @@ impl CpuBackend {
             if std::env::var("DVL_AMX_F32").is_ok_and(|v| v == "0") {
                 be = be.with_f32_on_amx(false);
             }
-            if let Some(isa) = std::env::var("DVL_ISA").ok().and_then(|v| parse_isa(&v)) {
-                be = be.with_isa(isa);
+            if let Ok(v) = std::env::var("DVL_ISA") {
+                match parse_isa(&v) {
+                    Some(isa) => {
+                        be = be.with_isa(isa);
+                        if be.isa != isa {
+                            log::warn!(
+                                "DVL_ISA={v}: this CPU does not support it; {:?} kept",
+                                be.isa
+                            );
+                        }
+                    }
+                    None => log::warn!("DVL_ISA={v:?} is not portable, avx2 or avx512: ignored"),
+                }
             }
             if ["DVL_BF16", "DVL_AMX"]
                 .iter()

@@ -173,7 +173,13 @@ fn shard_files(dir: &Path) -> Result<(Vec<PathBuf>, Vec<String>)> {
 /// keeps the weights as stored and `DVL_PACK=1` packs whatever the CPU and memory.
 /// Returns the milliseconds spent packing (`None` where the weights stay as stored).
 fn pack_if_worthwhile(model: &mut Model<'static>, layout: WeightLayout) -> Option<f64> {
-    let wanted = match (layout, std::env::var("DVL_PACK").as_deref()) {
+    let env = std::env::var("DVL_PACK");
+    if let Ok(v) = env.as_deref() {
+        if !matches!(v, "" | "0" | "1") && layout == WeightLayout::Auto {
+            log::warn!("DVL_PACK={v:?} is neither 0 nor 1: ignored (layout chosen automatically)");
+        }
+    }
+    let wanted = match (layout, env.as_deref()) {
         (WeightLayout::Panels, _) => true,
         (WeightLayout::AsStored, _) => false,
         (WeightLayout::Auto, Ok("0")) => false,

@@ -204,6 +204,31 @@ fn closed_stdout_pipe_is_not_a_panic() {
     }
 }
 
+/// Environment switches with values they do not know are named in a warning, not silently
+/// ignored, and the run goes on with the default.
+#[test]
+fn unknown_environment_values_are_warned_about() {
+    let model = model_dir("a").unwrap();
+    for (var, value, needle) in [
+        ("DVL_PACK", "yes", "DVL_PACK=\"yes\" is neither 0 nor 1"),
+        (
+            "DVL_ISA",
+            "sse9",
+            "DVL_ISA=\"sse9\" is not portable, avx2 or avx512",
+        ),
+    ] {
+        let out = dvl()
+            .env(var, value)
+            .args(["generate", "--model", model.to_str().unwrap()])
+            .args(["--prompt", "What is two plus two?", "--gen-length", "8"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{var}: {stderr}");
+        assert!(stderr.contains(needle), "{var}: {stderr}");
+    }
+}
+
 #[test]
 fn bad_arguments_fail_with_a_message() {
     let model = model_dir("a").unwrap();
