@@ -30,15 +30,23 @@ pub(crate) fn set(callback: dvl_log_callback, min_level: u32, user_data: *mut c_
         min_level,
     });
     *SINK.write().unwrap_or_else(|e| e.into_inner()) = sink;
-    if sink.is_some() {
-        // Once per process; where the host program (a Rust one) installed its own `log`
-        // logger first, the engine's records go to that logger instead.
-        static BRIDGE_INSTALLED: std::sync::Once = std::sync::Once::new();
-        BRIDGE_INSTALLED.call_once(|| {
-            if ::log::set_logger(&Bridge).is_ok() {
-                ::log::set_max_level(::log::LevelFilter::Trace);
-            }
-        });
+    // The bridge is installed once per process, with the first callback; where the host
+    // program (a Rust one) installed its own `log` logger first, the engine's records go to
+    // that logger instead and its level is left alone.
+    static BRIDGE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let ours = match sink {
+        Some(_) => *BRIDGE.get_or_init(|| ::log::set_logger(&Bridge).is_ok()),
+        None => BRIDGE.get().copied().unwrap_or(false),
+    };
+    if ours {
+        // Records below what the callback wants are not even built (dependencies' trace
+        // records included).
+        ::log::set_max_level(sink.map_or(::log::LevelFilter::Off, |s| match s.min_level {
+            0 => ::log::LevelFilter::Debug,
+            1 => ::log::LevelFilter::Info,
+            2 => ::log::LevelFilter::Warn,
+            _ => ::log::LevelFilter::Error,
+        }));
     }
 }
 
