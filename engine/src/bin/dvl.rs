@@ -446,7 +446,12 @@ impl log::Log for StderrNotices {
     }
     fn log(&self, r: &log::Record<'_>) {
         if self.enabled(r.metadata()) {
-            eprintln!("dvl: {}", r.args());
+            let kind = match r.level() {
+                log::Level::Error => "error: ",
+                log::Level::Warn => "warning: ",
+                _ => "",
+            };
+            eprintln!("dvl: {kind}{}", r.args());
         }
     }
     fn flush(&self) {}
