@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use crate::backend::{on_backend, CpuBackend};
-use crate::decoder::Layout;
+use crate::decoder::{Layout, MAX_BLOCK_SIZE};
 use crate::engine::{Engine, ImageInput};
 use crate::error::{Error, Result};
 use crate::images::RgbImage;
@@ -47,8 +47,8 @@ impl BenchConfig {
     pub fn validate(&self, max_positions: usize) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidArgument(m));
         let b = self.block;
-        if b == 0 || b > 1024 {
-            return bad(format!("block {b} must be in 1..=1024"));
+        if b == 0 || b > MAX_BLOCK_SIZE {
+            return bad(format!("block {b} must be in 1..={MAX_BLOCK_SIZE}"));
         }
         if self.prefix < b {
             return bad(format!(

@@ -89,6 +89,9 @@ impl Default for GenerateParams {
 /// Largest `gen_length` accepted; the published models were trained on 8192-row sequences.
 pub const MAX_GEN_LENGTH: usize = 8192;
 
+/// Largest block size accepted (by generation and by `dvl bench`).
+pub const MAX_BLOCK_SIZE: usize = 1024;
+
 impl GenerateParams {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidArgument(m));
@@ -105,8 +108,8 @@ impl GenerateParams {
             ));
         }
         if let Some(b) = self.block_size {
-            if b == 0 || b > 1024 {
-                return bad(format!("block_size {b} must be in 1..=1024"));
+            if b == 0 || b > MAX_BLOCK_SIZE {
+                return bad(format!("block_size {b} must be in 1..={MAX_BLOCK_SIZE}"));
             }
         }
         if !(self.threshold.is_finite() && (0.0..=1.0).contains(&self.threshold)) {
