@@ -35,9 +35,9 @@ unsafe fn tile<const MR: usize, const NR: usize>(
     let mut kk = 0;
     while kk < full {
         let mut wv = [_mm512_setzero_si512(); NR];
-        let pf = (w as *const u8).add(PREFETCH_AHEAD_BYTES + kk / 32 * NR * 64);
+        let pf = (w as *const u8).wrapping_add(PREFETCH_AHEAD_BYTES + kk / 32 * NR * 64);
         for c in 0..NR {
-            _mm_prefetch::<_MM_HINT_T1>(pf.add(c * 64) as *const i8);
+            _mm_prefetch::<_MM_HINT_T1>(pf.wrapping_add(c * 64) as *const i8);
             wv[c] = _mm512_loadu_si512(w.add(c * k + kk) as *const _);
         }
         for r in 0..MR {

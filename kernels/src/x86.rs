@@ -74,7 +74,7 @@ unsafe fn tile512<W: WeightElem, const MR: usize, const NR: usize>(
         for c in 0..NR {
             // Weights stream from DRAM once: ask for them ~1 KiB ahead (the hardware
             // prefetcher alone leaves one thread at half the channel's bandwidth).
-            _mm_prefetch::<_MM_HINT_T0>(w.add(c * k + kk + PREFETCH_ELEMS) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(c * k + kk + PREFETCH_ELEMS) as *const i8);
             wv[c] = load16(w.add(c * k + kk));
         }
         for r in 0..MR {
@@ -246,9 +246,9 @@ unsafe fn tile512_bf16<const MR: usize, const NR: usize>(
     while kk < full {
         let mut we = [_mm512_setzero_ps(); NR];
         let mut wo = [_mm512_setzero_ps(); NR];
-        let pf = (w as *const u8).add(PREFETCH_AHEAD_BYTES + kk / 32 * NR * 64);
+        let pf = (w as *const u8).wrapping_add(PREFETCH_AHEAD_BYTES + kk / 32 * NR * 64);
         for c in 0..NR {
-            _mm_prefetch::<_MM_HINT_T1>(pf.add(c * 64) as *const i8);
+            _mm_prefetch::<_MM_HINT_T1>(pf.wrapping_add(c * 64) as *const i8);
             let v = _mm512_loadu_si512(w.add(c * k + kk) as *const _);
             we[c] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
             wo[c] = _mm512_castsi512_ps(_mm512_and_si512(v, high));
@@ -634,10 +634,10 @@ unsafe fn tile256_bf16<const MR: usize, const NR: usize, const ROWS_FIRST: bool>
     let mut kk = 0;
     while kk < full {
         let mut wv = [_mm256_setzero_si256(); NR];
-        let pf = (w as *const u8).add(PREFETCH_AHEAD_BYTES + kk / 16 * NR * 32);
+        let pf = (w as *const u8).wrapping_add(PREFETCH_AHEAD_BYTES + kk / 16 * NR * 32);
         for c in 0..NR {
             if !ROWS_FIRST {
-                _mm_prefetch::<_MM_HINT_T1>(pf.add(c * 32) as *const i8);
+                _mm_prefetch::<_MM_HINT_T1>(pf.wrapping_add(c * 32) as *const i8);
             }
             wv[c] = _mm256_loadu_si256(w.add(c * k + kk) as *const __m256i);
         }
