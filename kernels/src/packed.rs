@@ -22,6 +22,7 @@
 //! stored weights give the same bits for a row, whatever the rows around it, the columns of
 //! the call or the thread.
 
+use alloc::sync::Arc;
 use alloc::vec;
 use alloc::vec::Vec;
 
@@ -40,12 +41,44 @@ pub fn k_block(k: usize) -> usize {
     k.div_ceil(k.div_ceil(256)).next_multiple_of(8).min(256)
 }
 
+/// Version of the panel layout above. Panels kept outside the process (the engine's
+/// on-disk panel cache) record it; change it with anything that changes the words a
+/// matrix packs to.
+pub const PANEL_LAYOUT_VERSION: u32 = 1;
+
+/// Panels held elsewhere (e.g. a mapped cache file) and shared by reference: the words of
+/// one matrix.
+pub type SharedPanels = Arc<dyn AsRef<[u32]> + Send + Sync>;
+
+/// Where a [`PackedBf16`]'s words live.
+#[derive(Clone)]
+enum Words {
+    /// Packed in this process.
+    Owned(Vec<u32>),
+    /// Packed before, held by someone else (see [`PackedBf16::from_shared`]).
+    Shared(SharedPanels),
+}
+
 /// A bf16 `[n, k]` weight matrix in 16-output panels of k pairs (see the module docs).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct PackedBf16 {
-    data: Vec<u32>,
+    data: Words,
     n: usize,
     k: usize,
+}
+
+impl core::fmt::Debug for PackedBf16 {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let held = match self.data {
+            Words::Owned(_) => "owned",
+            Words::Shared(_) => "shared",
+        };
+        f.debug_struct("PackedBf16")
+            .field("n", &self.n)
+            .field("k", &self.k)
+            .field("words", &held)
+            .finish()
+    }
 }
 
 impl PackedBf16 {
@@ -61,15 +94,53 @@ impl PackedBf16 {
 
     /// Repack `w` (`n` rows of `k`, as stored).
     pub fn new(w: &[bf16], n: usize, k: usize) -> Self {
-        let mut data = vec![0u32; Self::panels(n) * Self::panel_len(k)];
+        let mut data = vec![0u32; Self::words(n, k)];
         pack_panels(w, n, k, 0, &mut data);
-        PackedBf16 { data, n, k }
+        PackedBf16 {
+            data: Words::Owned(data),
+            n,
+            k,
+        }
+    }
+
+    /// `u32` words of the panels of `n × k`.
+    pub fn words(n: usize, k: usize) -> usize {
+        Self::panels(n) * Self::panel_len(k)
     }
 
     /// Wrap panels filled by [`pack_panels`] (e.g. by several threads); `None` when `data`
     /// does not hold exactly the panels of `n × k`.
     pub fn from_panels(data: Vec<u32>, n: usize, k: usize) -> Option<Self> {
-        (data.len() == Self::panels(n) * Self::panel_len(k)).then_some(PackedBf16 { data, n, k })
+        (data.len() == Self::words(n, k)).then_some(PackedBf16 {
+            data: Words::Owned(data),
+            n,
+            k,
+        })
+    }
+
+    /// Wrap panels that [`pack_panels`] wrote before and someone else holds (a mapped
+    /// cache file); `None` when they are not exactly the panels of `n × k`. Whether they
+    /// are the panels of the right weights is the holder's to know.
+    pub fn from_shared(data: SharedPanels, n: usize, k: usize) -> Option<Self> {
+        let len = (*data).as_ref().len();
+        (len == Self::words(n, k)).then_some(PackedBf16 {
+            data: Words::Shared(data),
+            n,
+            k,
+        })
+    }
+
+    /// All panels' words, in order (what [`pack_panels`] writes).
+    pub fn as_words(&self) -> &[u32] {
+        match &self.data {
+            Words::Owned(v) => v,
+            Words::Shared(s) => (**s).as_ref(),
+        }
+    }
+
+    /// Whether the words are held elsewhere ([`PackedBf16::from_shared`]).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.data, Words::Shared(_))
     }
 
     pub fn n(&self) -> usize {
@@ -78,7 +149,7 @@ impl PackedBf16 {
 
     /// Bytes of the panels (padding included).
     pub fn bytes(&self) -> usize {
-        self.data.len() * 4
+        self.as_words().len() * 4
     }
 
     pub fn k(&self) -> usize {
@@ -87,13 +158,14 @@ impl PackedBf16 {
 
     /// Panels `p0..` as stored.
     pub fn panels_from(&self, p0: usize) -> &[u32] {
-        &self.data[p0 * Self::panel_len(self.k)..]
+        &self.as_words()[p0 * Self::panel_len(self.k)..]
     }
 
     /// `W[j][kk]` widened to f32.
     pub fn weight(&self, j: usize, kk: usize) -> f32 {
         assert!(j < self.n && kk < self.k, "PackedBf16: index out of range");
-        let pair = self.data[j / PANEL * Self::panel_len(self.k) + kk / 2 * PANEL + j % PANEL];
+        let pair =
+            self.as_words()[j / PANEL * Self::panel_len(self.k) + kk / 2 * PANEL + j % PANEL];
         f32::from_bits(if kk.is_multiple_of(2) {
             pair << 16
         } else {

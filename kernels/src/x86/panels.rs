@@ -163,19 +163,26 @@ unsafe fn store<const MR: usize, const NV: usize>(
     }
 }
 
+/// The panels a call reads: the first word of panel 0, words per panel, k.
+#[derive(Clone, Copy)]
+struct PanelsAt {
+    base: *const u32,
+    panel_len: usize,
+    k: usize,
+}
+
 /// One group's tile over panels `p ..` (`NV / 2` of them), stored.
 #[inline(always)]
 unsafe fn group_tile<const MR: usize, const NV: usize>(
     xg: *const f32,
-    w: &PackedBf16,
+    w: PanelsAt,
     p: usize,
     cols: (usize, usize),
     bias: Option<&[f32]>,
     out: *mut f32,
     ldo: usize,
 ) {
-    let len = PackedBf16::panel_len(w.k());
-    let sums = tile::<MR, NV>(xg, w.panels_from(p).as_ptr(), len, w.k());
+    let sums = tile::<MR, NV>(xg, w.base.add(p * w.panel_len), w.panel_len, w.k);
     store::<MR, NV>(&sums, p * PANEL, cols, bias, out, ldo);
 }
 
@@ -207,13 +214,19 @@ pub unsafe fn matmul_panels_avx2(
         _ => 1,
     };
     let cols = (n0, n1);
+    // The words once per call (mapped panels are behind a trait object).
+    let at = PanelsAt {
+        base: w.as_words().as_ptr(),
+        panel_len: PackedBf16::panel_len(k),
+        k,
+    };
     let mut p = p0;
     while p < p1 {
         let panels = step.min(p1 - p);
         for g in 0..m.div_ceil(4) {
             let xg = rows.x.as_ptr().add(g * group_len);
             let o = out.add(g * 4 * ldo);
-            group_tiles(xg, (m - 4 * g).min(4), w, p, panels, cols, bias, o, ldo);
+            group_tiles(xg, (m - 4 * g).min(4), at, p, panels, cols, bias, o, ldo);
         }
         p += panels;
     }
@@ -226,7 +239,7 @@ pub unsafe fn matmul_panels_avx2(
 unsafe fn group_tiles(
     xg: *const f32,
     mr: usize,
-    w: &PackedBf16,
+    w: PanelsAt,
     mut p: usize,
     panels: usize,
     cols: (usize, usize),
