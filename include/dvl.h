@@ -244,6 +244,14 @@ typedef struct dvl_model_params {
      * Reserved, must be 0.
      */
     uint32_t reserved2;
+    /**
+     * A directory for the on-disk panel cache (dvl_model_load() only), or NULL: where the
+     * text decoder's weights go into panels, a file per checkpoint there is mapped instead
+     * of repacking them, and written (the panels' size on disk) when missing or stale.
+     * NULL, the default, leaves it to the environment variable DVL_PANEL_CACHE (no cache
+     * when unset). Read during the call only.
+     */
+    const char *panel_cache_dir;
 } dvl_model_params;
 
 /**

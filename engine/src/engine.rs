@@ -12,6 +12,7 @@ use crate::images::{self, DecodeLimits, RgbImage};
 use crate::models::qwen2_5_vl::vision::Grid;
 use crate::models::qwen2_5_vl::Model;
 use crate::models::{siglip_qwen, Vision};
+use crate::panel_cache::{PanelCache, ShardView};
 use crate::prompt;
 use crate::tokenizer::Tokenizer;
 use crate::weights::{ShardBytes, WeightStore};
@@ -85,24 +86,48 @@ pub enum WeightLayout {
 /// The cost of holding the text decoder's weights in panels ([`Engine::panel_cost`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PanelCost {
-    /// Bytes of the panel copy (memory on top of the mapped checkpoint).
+    /// Bytes of the panels: a copy in memory on top of the mapped checkpoint, or mapped
+    /// from the panel cache (page cache, shared between processes).
     pub bytes: u64,
-    /// Milliseconds the repacking took (`None` where the model's weights were packed
-    /// outside [`Engine`]'s load and [`Engine::set_packed`]).
+    /// Milliseconds the repacking took, or mapping and checking the cache entry (`None`
+    /// where the model's weights were packed outside [`Engine`]'s load and
+    /// [`Engine::set_packed`]).
     pub pack_ms: Option<f64>,
+    /// The panels were mapped from the panel cache ([`LoadOptions::panel_cache`]).
+    pub from_cache: bool,
 }
 
 impl std::fmt::Display for PanelCost {
     /// "6.17 GB copy, packed in 14.9 s" ("in 34 ms" under a second; no time where it is
-    /// unknown).
+    /// unknown), or "6.17 GB mapped from the panel cache in 3 ms".
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:.2} GB copy", self.bytes as f64 / 1e9)?;
+        let gb = self.bytes as f64 / 1e9;
+        let verb = if self.from_cache {
+            write!(f, "{gb:.2} GB mapped from the panel cache")?;
+            ""
+        } else {
+            write!(f, "{gb:.2} GB copy")?;
+            ", packed"
+        };
         match self.pack_ms {
-            Some(ms) if ms < 1e3 => write!(f, ", packed in {ms:.0} ms"),
-            Some(ms) => write!(f, ", packed in {:.1} s", ms / 1e3),
+            Some(ms) if ms < 1e3 => write!(f, "{verb} in {ms:.0} ms"),
+            Some(ms) => write!(f, "{verb} in {:.1} s", ms / 1e3),
             None => Ok(()),
         }
     }
+}
+
+/// How [`Engine::open_with`] loads a checkpoint.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// The text decoder's weight layout.
+    pub layout: WeightLayout,
+    /// A directory for the on-disk panel cache ([`crate::panel_cache`]): where the weights
+    /// go into panels, a valid entry for this checkpoint there is mapped instead of
+    /// repacking, and a missing or stale one is written after repacking (the panels' size
+    /// again on disk). `None`: the environment variable `DVL_PANEL_CACHE`, if set and not
+    /// empty, else no cache.
+    pub panel_cache: Option<PathBuf>,
 }
 
 /// A loaded model and its tokenizer. Read-only after load; share it across threads.
@@ -113,6 +138,8 @@ pub struct Engine {
     pub decode_limits: DecodeLimits,
     /// Milliseconds the last repacking into panels took, at load or in `set_packed`.
     pack_ms: Option<f64>,
+    /// The panels were mapped from the panel cache.
+    panels_from_cache: bool,
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> Error {
@@ -163,6 +190,14 @@ fn shard_files(dir: &Path) -> Result<(Vec<PathBuf>, Vec<String>)> {
     })
 }
 
+/// Where the text decoder's panels came from at load.
+#[derive(Clone, Copy, Debug)]
+struct PanelsMade {
+    /// Milliseconds: repacking, or mapping and checking the cache entry.
+    ms: f64,
+    from_cache: bool,
+}
+
 /// Repack the text decoder's bf16 weights into panels ([`dvl_kernels::packed`]) where
 /// this CPU's best kernels are AVX2's (no AVX-512): its few-row panel kernel runs a
 /// denoising step's matmuls 1.1-1.5× faster than the dot-product tiles on the weights as
@@ -171,37 +206,127 @@ fn shard_files(dir: &Path) -> Result<(Vec<PathBuf>, Vec<String>)> {
 /// table's looked-up rows) and a pass over them at load; skipped when the copy would not
 /// fit in available memory. `layout` other than `Auto` decides; under `Auto`, `DVL_PACK=0`
 /// keeps the weights as stored and `DVL_PACK=1` packs whatever the CPU and memory.
-/// Returns the milliseconds spent packing (`None` where the weights stay as stored).
-fn pack_if_worthwhile(model: &mut Model<'static>, layout: WeightLayout) -> Option<f64> {
+/// With a panel `cache` entry, a valid file is mapped instead (no copy, whatever the
+/// memory) and a missing or unusable one is written after repacking.
+/// Returns `None` where the weights stay as stored.
+fn pack_if_worthwhile(
+    model: &mut Model<'static>,
+    layout: WeightLayout,
+    cache: Option<&PanelCache>,
+) -> Option<PanelsMade> {
     let env = std::env::var("DVL_PACK");
     if let Ok(v) = env.as_deref() {
         if !matches!(v, "" | "0" | "1") && layout == WeightLayout::Auto {
             log::warn!("DVL_PACK={v:?} is neither 0 nor 1: ignored (layout chosen automatically)");
         }
     }
-    let wanted = match (layout, env.as_deref()) {
-        (WeightLayout::Panels, _) => true,
-        (WeightLayout::AsStored, _) => false,
-        (WeightLayout::Auto, Ok("0")) => false,
-        (WeightLayout::Auto, Ok("1")) => true,
-        (WeightLayout::Auto, _) => {
-            dvl_kernels::cpu::detect_isa() == crate::backend::Isa::Avx2
-                && fits_in_memory(model.lm_weight_bytes())
-        }
+    let chosen = match (layout, env.as_deref()) {
+        (WeightLayout::Panels, _) => Some(true),
+        (WeightLayout::AsStored, _) => Some(false),
+        (WeightLayout::Auto, Ok("0")) => Some(false),
+        (WeightLayout::Auto, Ok("1")) => Some(true),
+        (WeightLayout::Auto, _) => None,
     };
-    if !wanted {
+    let avx2_best = || dvl_kernels::cpu::detect_isa() == crate::backend::Isa::Avx2;
+    if chosen == Some(false) || (chosen.is_none() && !avx2_best()) {
+        return None;
+    }
+    if let Some(cache) = cache {
+        if let Some(made) = map_cached_panels(model, cache) {
+            return Some(made);
+        }
+    }
+    if chosen.is_none() && !fits_in_memory(model.lm_weight_bytes()) {
         return None;
     }
     let ms = pack_timed(model);
     let cost = PanelCost {
         bytes: model.packed_bytes() as u64,
         pack_ms: Some(ms),
+        from_cache: false,
     };
     log::log!(
         notice_level(cost.bytes),
         "text decoder weights repacked into panels ({cost})"
     );
-    Some(ms)
+    if let Some(cache) = cache {
+        let start = std::time::Instant::now();
+        match cache.store(&model.packed_matrices()) {
+            Ok(bytes) => log::log!(
+                notice_level(bytes),
+                "panel cache written: {} ({:.2} GB in {:.1} s)",
+                cache.path().display(),
+                bytes as f64 / 1e9,
+                start.elapsed().as_secs_f64()
+            ),
+            Err(e) => log::warn!(
+                "panel cache {}: not written ({e}); this load's panels are in memory",
+                cache.path().display()
+            ),
+        }
+    }
+    Some(PanelsMade {
+        ms,
+        from_cache: false,
+    })
+}
+
+/// The model's panels from `cache`'s file, mapped: `None` (with a warning where a file was
+/// there but unusable) when the caller must repack.
+fn map_cached_panels(model: &mut Model<'static>, cache: &PanelCache) -> Option<PanelsMade> {
+    let start = std::time::Instant::now();
+    let refuse = |why: &str| {
+        log::warn!(
+            "panel cache {}: {why}; repacking (the entry will be rewritten)",
+            cache.path().display()
+        );
+    };
+    let mapped = match cache.load() {
+        Ok(Some(m)) => m,
+        Ok(None) => return None,
+        Err(why) => {
+            refuse(&why);
+            return None;
+        }
+    };
+    // Hand the mapped matrices out in pack order; any shape that differs (or a count)
+    // means the entry does not belong to this model after all.
+    let (count, mismatch) = (mapped.len(), std::sync::atomic::AtomicBool::new(false));
+    let next = std::sync::Mutex::new(mapped.into_iter());
+    model.pack_weights(&|w, n, k| {
+        let m = next.lock().ok().and_then(|mut it| it.next());
+        match m {
+            Some(m) if (m.n(), m.k()) == (n, k) => m,
+            _ => {
+                mismatch.store(true, std::sync::atomic::Ordering::Relaxed);
+                dvl_kernels::packed::PackedBf16::new(w, n, k)
+            }
+        }
+    });
+    let left = next.lock().map_or(0, |it| it.len());
+    if mismatch.into_inner() || left > 0 {
+        refuse(&format!(
+            "its {count} matrices are not the {} this model packs",
+            model.packed_matrices().len()
+        ));
+        model.unpack_weights();
+        return None;
+    }
+    let ms = start.elapsed().as_secs_f64() * 1e3;
+    let cost = PanelCost {
+        bytes: model.packed_bytes() as u64,
+        pack_ms: Some(ms),
+        from_cache: true,
+    };
+    log::log!(
+        notice_level(cost.bytes),
+        "text decoder weights in panels: {cost} ({})",
+        cache.path().display()
+    );
+    Some(PanelsMade {
+        ms,
+        from_cache: true,
+    })
 }
 
 /// The level of a load notice about `bytes`: `Info` (shown by the CLI) where loading takes
@@ -283,6 +408,18 @@ impl Engine {
 
     /// [`Engine::open`] with the text decoder's weight layout chosen by the caller.
     pub fn open_with_layout(dir: &Path, layout: WeightLayout) -> Result<Engine> {
+        Self::open_with(
+            dir,
+            &LoadOptions {
+                layout,
+                ..LoadOptions::default()
+            },
+        )
+    }
+
+    /// [`Engine::open`] with the weight layout and the panel cache chosen by the caller.
+    pub fn open_with(dir: &Path, options: &LoadOptions) -> Result<Engine> {
+        let layout = options.layout;
         let cfg_path = dir.join("config.json");
         let cfg_bytes = std::fs::read(&cfg_path).map_err(|e| io_err(&cfg_path, e))?;
         let config = Config::from_json(&cfg_bytes).map_err(|e| match e {
@@ -291,6 +428,12 @@ impl Engine {
         })?;
         let (files, indexed) = shard_files(dir)?;
         let mut shards: Vec<(String, ShardBytes<'static>)> = Vec::new();
+        let cache_dir = options.panel_cache.clone().or_else(|| {
+            std::env::var_os("DVL_PANEL_CACHE")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        });
+        let mut cache_views: Vec<(PathBuf, memmap2::Mmap)> = Vec::new();
         let total: u64 = files
             .iter()
             .filter_map(|f| std::fs::metadata(f).ok())
@@ -314,8 +457,33 @@ impl Engine {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
+            if cache_dir.is_some() {
+                // The cache entry's identity hashes each shard's ends (a second map of
+                // the same pages, dropped once the entry is named).
+                // SAFETY: as above.
+                let view = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io_err(f, e))?;
+                cache_views.push((f.clone(), view));
+            }
             shards.push((name, Box::new(map)));
         }
+        let cache = cache_dir.as_deref().and_then(|d| {
+            let views: Vec<ShardView<'_>> = cache_views
+                .iter()
+                .map(|(path, map)| ShardView {
+                    path,
+                    bytes: &map[..],
+                })
+                .collect();
+            let entry = PanelCache::for_checkpoint(d, &cfg_bytes, &views);
+            if entry.is_none() {
+                log::warn!(
+                    "panel cache {}: not used (a shard's modification time is unknown)",
+                    d.display()
+                );
+            }
+            entry
+        });
+        drop(cache_views);
         let store = WeightStore::new(shards)?;
         // Every tensor the index names must be in one of the shards.
         if let Some(t) = indexed.iter().find(|t| store.info(t).is_none()) {
@@ -324,7 +492,7 @@ impl Engine {
             )));
         }
         let mut model = Model::new(config, store)?;
-        let pack_ms = pack_if_worthwhile(&mut model, layout);
+        let made = pack_if_worthwhile(&mut model, layout, cache.as_ref());
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = if tok_path.exists() {
             Some(Tokenizer::from_file(&tok_path)?)
@@ -336,7 +504,8 @@ impl Engine {
             tokenizer,
             dir: Some(dir.to_path_buf()),
             decode_limits: DecodeLimits::default(),
-            pack_ms,
+            pack_ms: made.map(|m| m.ms),
+            panels_from_cache: made.is_some_and(|m| m.from_cache),
         })
     }
 
@@ -361,14 +530,15 @@ impl Engine {
     ) -> Result<Engine> {
         let config = Config::from_json(config_json)?;
         let mut model = Model::new(config, WeightStore::new(shards)?)?;
-        let pack_ms = pack_if_worthwhile(&mut model, layout);
+        let made = pack_if_worthwhile(&mut model, layout, None);
         let tokenizer = tokenizer_json.map(Tokenizer::from_bytes).transpose()?;
         Ok(Engine {
             model,
             tokenizer,
             dir: None,
             decode_limits: DecodeLimits::default(),
-            pack_ms,
+            pack_ms: made.map(|m| m.ms),
+            panels_from_cache: false,
         })
     }
 
@@ -380,6 +550,7 @@ impl Engine {
         if !packed {
             self.model.unpack_weights();
             self.pack_ms = None;
+            self.panels_from_cache = false;
         } else if !self.model.is_packed() {
             self.pack_ms = Some(pack_timed(&mut self.model));
         }
@@ -391,6 +562,7 @@ impl Engine {
         self.model.is_packed().then(|| PanelCost {
             bytes: self.model.packed_bytes() as u64,
             pack_ms: self.pack_ms,
+            from_cache: self.panels_from_cache,
         })
     }
 
@@ -563,7 +735,14 @@ mod tests {
 
     #[test]
     fn panel_cost_reads_as_size_and_time() {
-        let cost = |bytes, pack_ms| PanelCost { bytes, pack_ms }.to_string();
+        let cost = |bytes, pack_ms| {
+            PanelCost {
+                bytes,
+                pack_ms,
+                from_cache: false,
+            }
+            .to_string()
+        };
         assert_eq!(
             cost(6_171_394_048, Some(14_945.4)),
             "6.17 GB copy, packed in 14.9 s"
@@ -573,6 +752,15 @@ mod tests {
             "0.02 GB copy, packed in 34 ms"
         );
         assert_eq!(cost(19_705_856, None), "0.02 GB copy");
+        let mapped = PanelCost {
+            bytes: 6_171_394_048,
+            pack_ms: Some(3.4),
+            from_cache: true,
+        };
+        assert_eq!(
+            mapped.to_string(),
+            "6.17 GB mapped from the panel cache in 3 ms"
+        );
     }
 
     #[test]

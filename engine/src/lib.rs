@@ -28,6 +28,8 @@ pub mod cuda;
 #[cfg(feature = "std")]
 pub mod engine;
 #[cfg(feature = "std")]
+pub mod panel_cache;
+#[cfg(feature = "std")]
 pub mod synth;
 #[cfg(feature = "std")]
 pub mod tokenizer;
@@ -41,7 +43,7 @@ pub use models::qwen2_5_vl::{Model, IMAGE_PLACEHOLDER};
 pub use weights::{ShardBytes, WeightStore};
 
 #[cfg(feature = "std")]
-pub use engine::{Engine, ImageInput, PanelCost, Request, WeightLayout};
+pub use engine::{Engine, ImageInput, LoadOptions, PanelCost, Request, WeightLayout};
 
 /// The MASK token id: an embedding row, not a tokenizer token (spec §0 fact 4).
 pub const MASK_ID: u32 = 151_671;

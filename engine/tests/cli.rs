@@ -127,6 +127,30 @@ fn json_reports_the_panel_copy_and_its_cost() {
 }
 
 #[test]
+fn panel_cache_option_and_variable_write_then_map_the_panels() {
+    let dir = std::env::temp_dir().join(format!("dvl-cli-panel-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().unwrap();
+    let panels = ["--weights", "panels"];
+    let plain = generate_json("8", &panels);
+    assert_eq!(plain["panels_from_cache"], false);
+    let first = generate_json("8", &[&panels[..], &["--panel-cache", d]].concat());
+    assert_eq!(first["panels_from_cache"], false, "{first}");
+    let second = generate_json("8", &[&panels[..], &["--panel-cache", d]].concat());
+    assert_eq!(second["panels_from_cache"], true, "{second}");
+    // The variable does the same for every entry point.
+    let by_env = generate_json_env(&[("DVL_PANEL_CACHE", d)], "8", &panels);
+    assert_eq!(by_env["panels_from_cache"], true, "{by_env}");
+    for v in [&first, &second, &by_env] {
+        assert_eq!(v["ids"], plain["ids"]);
+        assert_eq!(v["panel_bytes"], plain["panel_bytes"]);
+    }
+    let stored = generate_json("8", &["--weights", "stored", "--panel-cache", d]);
+    assert!(stored["panels_from_cache"].is_null(), "{stored}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn dump_writes_fixture_probes() {
     let dir = std::env::temp_dir().join(format!("dvl-dump-{}", std::process::id()));
     generate_json("32", &["--dump", dir.to_str().unwrap()]);

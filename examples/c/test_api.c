@@ -15,11 +15,14 @@
  */
 #define _POSIX_C_SOURCE 200809L
 
+#include <dirent.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "dvl.h"
 
@@ -223,7 +226,7 @@ static int same_ids(const uint32_t *a, const uint32_t *b) {
 /* Log sink: counts messages (from any thread), and the engine's panel-copy notice (a small
  * copy: DVL_LOG_DEBUG), which reaches the callback instead of stderr. */
 static pthread_mutex_t g_log_mu = PTHREAD_MUTEX_INITIALIZER;
-static int g_log_count, g_log_errors, g_log_repacked;
+static int g_log_count, g_log_errors, g_log_repacked, g_log_from_cache, g_log_cache_written;
 
 static void on_log(dvl_log_level level, const char *message, void *user_data) {
     pthread_mutex_lock(&g_log_mu);
@@ -233,6 +236,13 @@ static void on_log(dvl_log_level level, const char *message, void *user_data) {
     }
     if (level == DVL_LOG_DEBUG && strstr(message, "repacked into panels") != NULL) {
         g_log_repacked++;
+    }
+    /* The engine's own notices (the load's INFO line repeats the first). */
+    if (level == DVL_LOG_DEBUG && strstr(message, "mapped from the panel cache") != NULL) {
+        g_log_from_cache++;
+    }
+    if (level == DVL_LOG_DEBUG && strstr(message, "panel cache written") != NULL) {
+        g_log_cache_written++;
     }
     if (user_data != NULL) {
         fprintf(stderr, "dvl[%d]: %s\n", (int)level, message);
@@ -463,6 +473,70 @@ static void test_weight_layouts(const char *model_dir) {
     EXPECT(dvl_prompt_free(&prompt), DVL_OK);
     EXPECT(dvl_model_free(&stored), DVL_OK);
     EXPECT(dvl_model_free(&panels), DVL_OK);
+}
+
+/* The panel cache: the first load writes the checkpoint's file into the directory, the
+ * second maps it; both answer as a load without it. Cleans up after itself. */
+static void test_panel_cache(const char *model_dir) {
+    static uint32_t plain[8192], written[8192], mapped[8192];
+    char dir[256], file[512];
+    dvl_model_params mp;
+    dvl_model *models[3] = {NULL, NULL, NULL};
+    uint32_t *ids[3] = {plain, written, mapped};
+    dvl_prompt *prompt = NULL;
+    DIR *d;
+    struct dirent *e;
+    int files = 0, i;
+
+    snprintf(dir, sizeof dir, "/tmp/dvl-test-api-cache-%ld", (long)getpid());
+    CHECK(mkdir(dir, 0700) == 0, "mkdir %s", dir);
+    dvl_model_default_params(&mp, sizeof mp);
+    CHECK(mp.panel_cache_dir == NULL, "no panel cache by default");
+    mp.weight_layout = DVL_WEIGHTS_PANELS;
+    EXPECT(dvl_model_load(model_dir, &mp, &models[0]), DVL_OK);
+    mp.panel_cache_dir = dir;
+    pthread_mutex_lock(&g_log_mu);
+    g_log_from_cache = g_log_cache_written = 0;
+    pthread_mutex_unlock(&g_log_mu);
+    EXPECT(dvl_log_set(on_log, DVL_LOG_DEBUG, NULL), DVL_OK);
+    EXPECT(dvl_model_load(model_dir, &mp, &models[1]), DVL_OK);
+    EXPECT(dvl_model_load(model_dir, &mp, &models[2]), DVL_OK);
+    pthread_mutex_lock(&g_log_mu);
+    CHECK(g_log_cache_written == 1 && g_log_from_cache == 1,
+          "one load wrote the panel cache (%d), the next mapped it (%d)", g_log_cache_written,
+          g_log_from_cache);
+    pthread_mutex_unlock(&g_log_mu);
+
+    EXPECT(dvl_prompt_new("What is two plus two?", &prompt), DVL_OK);
+    for (i = 0; i < 3; i++) {
+        dvl_context *ctx = NULL;
+        if (models[i] == NULL) {
+            continue;
+        }
+        EXPECT(dvl_context_new(models[i], NULL, &ctx), DVL_OK);
+        EXPECT(generate_ids(ctx, prompt, ids[i]), DVL_OK);
+        EXPECT(dvl_context_free(&ctx), DVL_OK);
+        EXPECT(dvl_model_free(&models[i]), DVL_OK);
+    }
+    CHECK(same_ids(plain, written) && same_ids(plain, mapped),
+          "the same ids with and without the panel cache");
+    EXPECT(dvl_prompt_free(&prompt), DVL_OK);
+
+    d = opendir(dir);
+    while (d != NULL && (e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.') {
+            continue;
+        }
+        files++;
+        snprintf(file, sizeof file, "%s/%s", dir, e->d_name);
+        CHECK(strstr(e->d_name, ".dvlpanels") != NULL, "only cache files: %s", e->d_name);
+        CHECK(unlink(file) == 0, "unlink %s", file);
+    }
+    if (d != NULL) {
+        closedir(d);
+    }
+    CHECK(files == 1, "one cache file (%d)", files);
+    CHECK(rmdir(dir) == 0, "rmdir %s", dir);
 }
 
 static void test_context_and_prompt(dvl_model *model) {
@@ -810,6 +884,7 @@ int main(int argc, char **argv) {
     test_versions_and_params();
     test_load_errors(model_dir);
     test_weight_layouts(model_dir);
+    test_panel_cache(model_dir);
     mem_model = test_memory_loads(model_dir, &shard);
     EXPECT(dvl_model_load(model_dir, NULL, &model), DVL_OK);
     if (model != NULL) {

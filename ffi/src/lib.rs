@@ -26,7 +26,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use dvl::{CpuBackend, Engine, GenerateParams, ImageInput, Request, Strategy, WeightLayout};
+use dvl::{
+    CpuBackend, Engine, GenerateParams, ImageInput, LoadOptions, Request, Strategy, WeightLayout,
+};
 
 use guard::{run, run_infallible, Failure, Res};
 
@@ -484,6 +486,12 @@ pub struct dvl_model_params {
     pub weight_layout: u32,
     /// Reserved, must be 0.
     pub reserved2: u32,
+    /// A directory for the on-disk panel cache (dvl_model_load() only), or NULL: where the
+    /// text decoder's weights go into panels, a file per checkpoint there is mapped instead
+    /// of repacking them, and written (the panels' size on disk) when missing or stale.
+    /// NULL, the default, leaves it to the environment variable DVL_PANEL_CACHE (no cache
+    /// when unset). Read during the call only.
+    pub panel_cache_dir: *const c_char,
 }
 
 /// How a load holds the text decoder's bf16 weights (dvl_model_params.weight_layout).
@@ -510,6 +518,7 @@ impl dvl_model_params {
             max_image_bytes: 0,
             weight_layout: dvl_weight_layout::DVL_WEIGHTS_AUTO as u32,
             reserved2: 0,
+            panel_cache_dir: std::ptr::null(),
         }
     }
 
@@ -586,7 +595,16 @@ pub unsafe extern "C" fn dvl_model_load(
         let dir = unsafe { path(model_dir, "model_dir") }?;
         let p = unsafe { read_versioned::<dvl_model_params>(params) }?;
         let layout = p.validate()?;
-        let mut engine = Engine::open_with_layout(&dir, layout)?;
+        let panel_cache = if p.panel_cache_dir.is_null() {
+            None
+        } else {
+            Some(unsafe { path(p.panel_cache_dir, "params->panel_cache_dir") }?)
+        };
+        let options = LoadOptions {
+            layout,
+            panel_cache,
+        };
+        let mut engine = Engine::open_with(&dir, &options)?;
         p.apply(&mut engine);
         log::log(dvl_log_level::DVL_LOG_INFO, || {
             format!(

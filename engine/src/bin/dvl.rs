@@ -9,17 +9,20 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use dvl::decoder::{BlockTrace, Observer, ProbeData};
-use dvl::{CpuBackend, Engine, GenerateParams, ImageInput, Request, Strategy, WeightLayout};
+use dvl::{
+    CpuBackend, Engine, GenerateParams, ImageInput, LoadOptions, Request, Strategy, WeightLayout,
+};
 
 const USAGE: &str = "usage:
   dvl synth --shape tiny|0.5b|3b|7b --out DIR [--seed N] [--tokenizer tokenizer.json]
   dvl bench --model DIR [--prefix 288] [--block 8] [--threads N] [--reps 5] [--no-vision]
-            [--isa portable|avx2|avx512] [--bf16] [--weights auto|panels|stored] [--json]
+            [--isa portable|avx2|avx512] [--bf16] [--weights auto|panels|stored]
+            [--panel-cache DIR] [--json]
   dvl generate --model DIR [--image PATH]... --prompt TEXT [--gen-length 128] [--steps 8]
                [--block-size N] [--strategy static|dynamic] [--threshold 0.85]
                [--temperature 0] [--top-k 0] [--top-p 1] [--seed N] [--threads N]
-               [--no-fuse-commit] [--bf16] [--weights auto|panels|stored] [--json]
-               [--dump DIR] [--repeat N]
+               [--no-fuse-commit] [--bf16] [--weights auto|panels|stored]
+               [--panel-cache DIR] [--json] [--dump DIR] [--repeat N]
 
 Defaults equal the reference evaluation (gen_length 128, 8 steps per block, greedy,
 low_confidence_static). --bf16 (or --amx) rounds matmul inputs to bf16, on AMX tiles
@@ -32,7 +35,9 @@ model and reports each stage's median time (for timing without the model and tok
 load). Where AVX2 is the CPU's best ISA the text decoder's bf16 weights are repacked into
 16-output panels at load (--weights auto, the default: a copy of them, skipped where it
 would not fit in available memory; DVL_PACK=0 or 1 overrides auto). --weights stored reads
-them as stored (no copy), --weights panels repacks on any CPU.";
+them as stored (no copy), --weights panels repacks on any CPU. --panel-cache DIR (or
+DVL_PANEL_CACHE=DIR) keeps the panels in a file per checkpoint in DIR: later loads map it
+instead of repacking (the panels' size again on disk; a changed checkpoint gets a new file).";
 
 /// `print!` to standard output, flushed. Rust ignores SIGPIPE, so a plain `print!` panics
 /// when the reader has gone (`dvl bench | head -1`); here a closed pipe ends the program
@@ -113,7 +118,12 @@ fn open_engine(model: &str, args: &Args) -> Result<Engine, String> {
             ))
         }
     };
-    Engine::open_with_layout(&PathBuf::from(model), layout).map_err(|e| e.to_string())
+    let options = LoadOptions {
+        layout,
+        // Unset: DVL_PANEL_CACHE, if set (the library reads it).
+        panel_cache: args.one("panel-cache").map(PathBuf::from),
+    };
+    Engine::open_with(&PathBuf::from(model), &options).map_err(|e| e.to_string())
 }
 
 /// A dumped tensor: name, shape, little-endian bytes, dtype.
@@ -202,6 +212,7 @@ fn generate(args: &Args) -> Result<(), String> {
         "dump",
         "repeat",
         "weights",
+        "panel-cache",
     ])?;
     let model = args.one("model").ok_or("--model DIR is required")?;
     let prompt = args.one("prompt").ok_or("--prompt TEXT is required")?;
@@ -326,6 +337,7 @@ fn generate(args: &Args) -> Result<(), String> {
             "panels": engine.model.is_packed(),
             "panel_bytes": cost.map(|c| c.bytes),
             "pack_ms": cost.and_then(|c| c.pack_ms),
+            "panels_from_cache": cost.map(|c| c.from_cache),
             "timings": {
                 "preprocess_ms": g.timings.preprocess_ms, "vision_ms": g.timings.vision_ms,
                 "prefill_ms": g.timings.prefill_ms, "decode_ms": g.timings.decode_ms,
@@ -366,7 +378,14 @@ fn synth(args: &Args) -> Result<(), String> {
 
 fn bench(args: &Args) -> Result<(), String> {
     args.check_known(&[
-        "model", "prefix", "block", "threads", "reps", "isa", "weights",
+        "model",
+        "prefix",
+        "block",
+        "threads",
+        "reps",
+        "isa",
+        "weights",
+        "panel-cache",
     ])?;
     let model = args.one("model").ok_or("--model DIR is required")?;
     let engine = open_engine(model, args)?;
@@ -403,6 +422,7 @@ fn bench(args: &Args) -> Result<(), String> {
             "model": model, "threads": r.threads, "isa": r.isa, "panels": engine.model.is_packed(),
             "panel_bytes": cost.map(|c| c.bytes),
             "pack_ms": cost.and_then(|c| c.pack_ms),
+            "panels_from_cache": cost.map(|c| c.from_cache),
             "prefix": cfg.prefix, "block": cfg.block,
             "vision_ms": r.vision_ms, "prefill_ms": r.prefill_ms, "step_ms": r.step_ms, "commit_ms": r.commit_ms,
             "lm_weight_bytes": r.lm_weight_bytes, "read_gbps": r.read_gbps, "roofline_step_ms": r.roofline_step_ms,

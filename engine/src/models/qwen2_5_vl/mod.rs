@@ -69,6 +69,11 @@ impl<'a> Model<'a> {
         self.text.packed_bytes()
     }
 
+    /// The panels of [`Model::pack_weights`], in the order it makes them.
+    pub fn packed_matrices(&self) -> Vec<&dvl_kernels::packed::PackedBf16> {
+        self.text.packed_matrices()
+    }
+
     /// Whether [`Model::pack_weights`] has run (and found bf16 weights).
     pub fn is_packed(&self) -> bool {
         self.text.lm_head_packed.is_some()

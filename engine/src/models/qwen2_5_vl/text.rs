@@ -293,6 +293,16 @@ impl TextModel {
         self.lm_head_packed = pack_bf16(store.data(&self.lm_head), n, k, pack);
     }
 
+    /// The panels, in the order [`TextModel::pack_weights`] makes them (the layers' seven
+    /// projections, then the lm_head).
+    pub fn packed_matrices(&self) -> Vec<&PackedBf16> {
+        let layers = self.layers.iter().flat_map(|l| l.linears());
+        layers
+            .filter_map(|lin| lin.packed.as_ref())
+            .chain(self.lm_head_packed.as_ref())
+            .collect()
+    }
+
     /// Bytes held in panels.
     pub fn packed_bytes(&self) -> usize {
         let layers = self.layers.iter().flat_map(|l| l.linears());
