@@ -12,7 +12,7 @@ use crate::images::{self, DecodeLimits, RgbImage};
 use crate::models::qwen2_5_vl::vision::Grid;
 use crate::models::qwen2_5_vl::Model;
 use crate::models::{siglip_qwen, Vision};
-use crate::panel_cache::{PanelCache, ShardView};
+use crate::panel_cache::{PanelCache, ShardId};
 use crate::prompt;
 use crate::tokenizer::Tokenizer;
 use crate::weights::{ShardBytes, WeightStore};
@@ -433,7 +433,8 @@ impl Engine {
                 .filter(|v| !v.is_empty())
                 .map(PathBuf::from)
         });
-        let mut cache_views: Vec<(PathBuf, memmap2::Mmap)> = Vec::new();
+        // Each shard's part of the panel cache entry's identity (None once one is unknown).
+        let mut shard_ids: Option<Vec<ShardId>> = cache_dir.as_ref().map(|_| Vec::new());
         let total: u64 = files
             .iter()
             .filter_map(|f| std::fs::metadata(f).ok())
@@ -457,33 +458,24 @@ impl Engine {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            if cache_dir.is_some() {
-                // The cache entry's identity hashes each shard's ends (a second map of
-                // the same pages, dropped once the entry is named).
-                // SAFETY: as above.
-                let view = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io_err(f, e))?;
-                cache_views.push((f.clone(), view));
+            if let Some(ids) = &mut shard_ids {
+                match ShardId::of(f, &map) {
+                    Some(id) => ids.push(id),
+                    None => {
+                        log::warn!(
+                            "panel cache not used: the modification time of {} is unknown",
+                            f.display()
+                        );
+                        shard_ids = None;
+                    }
+                }
             }
             shards.push((name, Box::new(map)));
         }
-        let cache = cache_dir.as_deref().and_then(|d| {
-            let views: Vec<ShardView<'_>> = cache_views
-                .iter()
-                .map(|(path, map)| ShardView {
-                    path,
-                    bytes: &map[..],
-                })
-                .collect();
-            let entry = PanelCache::for_checkpoint(d, &cfg_bytes, &views);
-            if entry.is_none() {
-                log::warn!(
-                    "panel cache {}: not used (a shard's modification time is unknown)",
-                    d.display()
-                );
-            }
-            entry
-        });
-        drop(cache_views);
+        let cache = cache_dir
+            .as_deref()
+            .zip(shard_ids)
+            .map(|(d, ids)| PanelCache::for_checkpoint(d, &cfg_bytes, &ids));
         let store = WeightStore::new(shards)?;
         // Every tensor the index names must be in one of the shards.
         if let Some(t) = indexed.iter().find(|t| store.info(t).is_none()) {

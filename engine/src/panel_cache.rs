@@ -55,20 +55,35 @@ pub struct PanelCache {
     identity: String,
 }
 
-/// A shard as the identity sees it: its path and its mapped bytes.
-pub struct ShardView<'a> {
-    pub path: &'a Path,
-    pub bytes: &'a [u8],
+/// What a checkpoint shard contributes to a cache entry's identity.
+#[derive(Clone, Debug)]
+pub struct ShardId(String);
+
+impl ShardId {
+    /// The shard at `path`, mapped as `bytes`: its name, length, modification time and the
+    /// hashes of its first and last 64 KiB. `None` where the modification time cannot be
+    /// read (the identity would be too weak to trust).
+    pub fn of(path: &Path, bytes: &[u8]) -> Option<ShardId> {
+        let mtime = std::fs::metadata(path)
+            .ok()?
+            .modified()
+            .ok()?
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_nanos();
+        let name = path.file_name()?.to_string_lossy();
+        Some(ShardId(format!(
+            "shard {name} {} bytes, modified {mtime} ns, head {:016x}, tail {:016x}",
+            bytes.len(),
+            fnv1a(&bytes[..bytes.len().min(SAMPLE)]),
+            fnv1a(&bytes[bytes.len().saturating_sub(SAMPLE)..])
+        )))
+    }
 }
 
 impl PanelCache {
-    /// The entry for the checkpoint of `config_json` and `shards` in `cache_dir`. `None`
-    /// where a shard's modification time cannot be read (the identity would be too weak).
-    pub fn for_checkpoint(
-        cache_dir: &Path,
-        config_json: &[u8],
-        shards: &[ShardView<'_>],
-    ) -> Option<PanelCache> {
+    /// The entry for the checkpoint of `config_json` and `shards` in `cache_dir`.
+    pub fn for_checkpoint(cache_dir: &Path, config_json: &[u8], shards: &[ShardId]) -> PanelCache {
         let mut identity = format!(
             "dvl panel cache {FORMAT}; panel layout {PANEL_LAYOUT_VERSION}; {}-endian; \
              config {:016x}",
@@ -80,24 +95,11 @@ impl PanelCache {
             fnv1a(config_json)
         );
         for s in shards {
-            let meta = std::fs::metadata(s.path).ok()?;
-            let mtime = meta
-                .modified()
-                .ok()?
-                .duration_since(std::time::UNIX_EPOCH)
-                .ok()?
-                .as_nanos();
-            let b = s.bytes;
-            let name = s.path.file_name()?.to_string_lossy();
-            identity.push_str(&format!(
-                "; shard {name} {} bytes, modified {mtime} ns, head {:016x}, tail {:016x}",
-                b.len(),
-                fnv1a(&b[..b.len().min(SAMPLE)]),
-                fnv1a(&b[b.len().saturating_sub(SAMPLE)..])
-            ));
+            identity.push_str("; ");
+            identity.push_str(&s.0);
         }
         let path = cache_dir.join(format!("{:016x}.dvlpanels", fnv1a(identity.as_bytes())));
-        Some(PanelCache { path, identity })
+        PanelCache { path, identity }
     }
 
     /// The entry's file.
