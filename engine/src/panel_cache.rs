@@ -162,13 +162,8 @@ impl PanelCache {
             let (Some(n), Some(k), Some(offset)) = (field(0), field(1), field(2)) else {
                 return Err(format!("matrix {i}: entry is not [n, k, offset]"));
             };
-            // Bytes of n × k in panels (16 outputs × k pairs of u32 a panel), without
-            // overflow for absurd entries.
-            let bytes = n
-                .div_ceil(16)
-                .checked_mul(16)
-                .and_then(|b| b.checked_mul(k.div_ceil(2)))
-                .and_then(|b| b.checked_mul(4));
+            // Bytes of n × k in panels, without overflow for absurd entries.
+            let bytes = PackedBf16::checked_words(n, k).and_then(|w| w.checked_mul(4));
             let end = bytes.and_then(|b| offset.checked_add(b));
             let (Some(bytes), Some(end)) = (bytes, end) else {
                 return Err(format!("matrix {i}: {n} x {k} at {offset} is out of range"));

@@ -108,6 +108,14 @@ impl PackedBf16 {
         Self::panels(n) * Self::panel_len(k)
     }
 
+    /// [`PackedBf16::words`] for sizes read from outside (a cache file's manifest): `None`
+    /// where it overflows.
+    pub fn checked_words(n: u64, k: u64) -> Option<u64> {
+        n.div_ceil(PANEL as u64)
+            .checked_mul(PANEL as u64)?
+            .checked_mul(k.div_ceil(2))
+    }
+
     /// Wrap panels filled by [`pack_panels`] (e.g. by several threads); `None` when `data`
     /// does not hold exactly the panels of `n × k`.
     pub fn from_panels(data: Vec<u32>, n: usize, k: usize) -> Option<Self> {

@@ -184,3 +184,27 @@ fn panel_kernels_give_the_gemm_bits_for_any_rows_and_columns() {
         }
     }
 }
+
+#[test]
+fn checked_words_agrees_with_words_and_refuses_overflow() {
+    for (n, k) in [
+        (0, 0),
+        (1, 1),
+        (16, 2),
+        (17, 3),
+        (151_936, 64),
+        (2048, 11_008),
+    ] {
+        assert_eq!(
+            PackedBf16::checked_words(n as u64, k as u64),
+            Some(PackedBf16::words(n, k) as u64),
+            "{n} x {k}"
+        );
+        assert_eq!(
+            PackedBf16::new(&bf16_vec(n * k, 5), n, k).bytes(),
+            PackedBf16::words(n, k) * 4
+        );
+    }
+    assert_eq!(PackedBf16::checked_words(u64::MAX, 2), None);
+    assert_eq!(PackedBf16::checked_words(1 << 40, 1 << 40), None);
+}
