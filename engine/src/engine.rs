@@ -9,10 +9,11 @@ use crate::config::Config;
 use crate::decoder::{self, GenerateParams, Observer, Output, ProbeData};
 use crate::error::{Error, Result};
 use crate::images::{self, DecodeLimits, RgbImage};
+use crate::models::qwen2_5_vl::text::PackFn;
 use crate::models::qwen2_5_vl::vision::Grid;
 use crate::models::qwen2_5_vl::Model;
 use crate::models::{siglip_qwen, Vision};
-use crate::panel_cache::{PanelCache, ShardId};
+use crate::panel_cache::{EntryWriter, PanelCache, ShardId};
 use crate::prompt;
 use crate::tokenizer::Tokenizer;
 use crate::weights::{ShardBytes, WeightStore};
@@ -87,7 +88,8 @@ pub enum WeightLayout {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PanelCost {
     /// Bytes of the panels: a copy in memory on top of the mapped checkpoint, or mapped
-    /// from the panel cache (page cache, shared between processes).
+    /// from the panel cache's file (page cache, shared between processes; also where this
+    /// load packed them into a new entry).
     pub bytes: u64,
     /// Milliseconds the repacking took, or mapping and checking the cache entry (`None`
     /// where the model's weights were packed outside [`Engine`]'s load and
@@ -236,10 +238,21 @@ fn pack_if_worthwhile(
             return Some(made);
         }
     }
+    // Packed into the cache's file, the panels are page-cache pages rather than an
+    // anonymous copy: no memory check.
+    if let Some(cache) = cache {
+        match cache.writer() {
+            Ok(writer) => return Some(pack_into_cache(model, cache, writer)),
+            Err(e) => log::warn!(
+                "panel cache {}: not written ({e}); this load's panels are in memory",
+                cache.path().display()
+            ),
+        }
+    }
     if chosen.is_none() && !fits_in_memory(model.lm_weight_bytes()) {
         return None;
     }
-    let ms = pack_timed(model);
+    let ms = pack_timed(model, &pack_on_threads);
     let cost = PanelCost {
         bytes: model.packed_bytes() as u64,
         pack_ms: Some(ms),
@@ -249,26 +262,69 @@ fn pack_if_worthwhile(
         notice_level(cost.bytes),
         "text decoder weights repacked into panels ({cost})"
     );
-    if let Some(cache) = cache {
-        let start = std::time::Instant::now();
-        match cache.store(&model.packed_matrices()) {
-            Ok(bytes) => log::log!(
-                notice_level(bytes),
-                "panel cache written: {} ({:.2} GB in {:.1} s)",
-                cache.path().display(),
-                bytes as f64 / 1e9,
-                start.elapsed().as_secs_f64()
-            ),
-            Err(e) => log::warn!(
-                "panel cache {}: not written ({e}); this load's panels are in memory",
-                cache.path().display()
-            ),
-        }
-    }
     Some(PanelsMade {
         ms,
         from_cache: false,
     })
+}
+
+/// Repack the model's panels straight into a new cache entry ([`EntryWriter`]), then sync
+/// and publish it. Where writing fails the rest is packed in memory (with a warning).
+fn pack_into_cache(
+    model: &mut Model<'static>,
+    cache: &PanelCache,
+    writer: EntryWriter,
+) -> PanelsMade {
+    let not_written = |e: &dyn std::fmt::Display| {
+        log::warn!(
+            "panel cache {}: not written ({e}); this load's panels are in memory",
+            cache.path().display()
+        )
+    };
+    let writer = std::sync::Mutex::new(Some(writer));
+    let ms = pack_timed(model, &|w, n, k| {
+        let mut slot = writer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(wr) = slot.as_mut() {
+            match wr.add(n, k, |dst| pack_into_on_threads(w, n, k, dst)) {
+                Ok(m) => return m,
+                Err(e) => {
+                    not_written(&e);
+                    *slot = None;
+                }
+            }
+        }
+        pack_on_threads(w, n, k)
+    });
+    let bytes = model.packed_bytes() as u64;
+    log::log!(
+        notice_level(bytes),
+        "text decoder weights repacked into panels in a new panel cache entry ({:.2} GB, \
+         packed in {:.1} s)",
+        bytes as f64 / 1e9,
+        ms / 1e3
+    );
+    if let Some(writer) = writer.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        let start = std::time::Instant::now();
+        match writer.finish() {
+            Ok((bytes, stale)) => {
+                log::log!(
+                    notice_level(bytes),
+                    "panel cache written: {} ({:.2} GB, synced in {:.1} s)",
+                    cache.path().display(),
+                    bytes as f64 / 1e9,
+                    start.elapsed().as_secs_f64()
+                );
+                for f in stale {
+                    log::info!("panel cache: removed the stale entry {}", f.display());
+                }
+            }
+            Err(e) => not_written(&e),
+        }
+    }
+    PanelsMade {
+        ms,
+        from_cache: false,
+    }
 }
 
 /// The model's panels from `cache`'s file, mapped: `None` (with a warning where a file was
@@ -340,9 +396,9 @@ fn notice_level(bytes: u64) -> log::Level {
 }
 
 /// [`Model::pack_weights`] on this machine's cores; returns the milliseconds it took.
-fn pack_timed(model: &mut Model<'static>) -> f64 {
+fn pack_timed(model: &mut Model<'static>, pack: PackFn<'_>) -> f64 {
     let start = std::time::Instant::now();
-    model.pack_weights(&pack_on_threads);
+    model.pack_weights(pack);
     start.elapsed().as_secs_f64() * 1e3
 }
 
@@ -383,19 +439,27 @@ fn mem_available_kb(meminfo: &str) -> Option<u64> {
 /// [`dvl_kernels::packed::PackedBf16::new`] with the panels split across this machine's
 /// cores (scoped threads: the engine's rayon pools belong to backends, not to loading).
 fn pack_on_threads(w: &[half::bf16], n: usize, k: usize) -> dvl_kernels::packed::PackedBf16 {
+    use dvl_kernels::packed::PackedBf16;
+    let mut data = vec![0u32; PackedBf16::words(n, k)];
+    pack_into_on_threads(w, n, k, &mut data);
+    PackedBf16::from_panels(data, n, k).expect("whole panels")
+}
+
+/// The panels of `w` (`n × k`) into `dst` (`PackedBf16::words(n, k)` long), a range of
+/// panels per available core.
+fn pack_into_on_threads(w: &[half::bf16], n: usize, k: usize, dst: &mut [u32]) {
     use dvl_kernels::packed::{pack_panels, PackedBf16};
     let (panels, len) = (PackedBf16::panels(n), PackedBf16::panel_len(k));
-    let mut data = vec![0u32; panels * len];
+    debug_assert_eq!(dst.len(), panels * len);
     let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
     let per = panels.div_ceil(threads).max(1);
     if len > 0 {
         std::thread::scope(|s| {
-            for (i, piece) in data.chunks_mut(per * len).enumerate() {
+            for (i, piece) in dst.chunks_mut(per * len).enumerate() {
                 s.spawn(move || pack_panels(w, n, k, i * per, piece));
             }
         });
     }
-    PackedBf16::from_panels(data, n, k).expect("whole panels")
 }
 
 impl Engine {
@@ -475,7 +539,7 @@ impl Engine {
         let cache = cache_dir
             .as_deref()
             .zip(shard_ids)
-            .map(|(d, ids)| PanelCache::for_checkpoint(d, &cfg_bytes, &ids));
+            .map(|(d, ids)| PanelCache::for_checkpoint(d, dir, &cfg_bytes, &ids));
         let store = WeightStore::new(shards)?;
         // Every tensor the index names must be in one of the shards.
         if let Some(t) = indexed.iter().find(|t| store.info(t).is_none()) {
@@ -544,7 +608,7 @@ impl Engine {
             self.pack_ms = None;
             self.panels_from_cache = false;
         } else if !self.model.is_packed() {
-            self.pack_ms = Some(pack_timed(&mut self.model));
+            self.pack_ms = Some(pack_timed(&mut self.model, &pack_on_threads));
         }
     }
 

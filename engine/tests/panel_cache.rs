@@ -131,9 +131,13 @@ fn the_first_load_writes_the_entry_and_the_next_maps_the_same_panels() {
     let cost2 = second.panel_cost().unwrap();
     assert!(cost2.from_cache, "{cost2:?}");
     assert_eq!(cost2.bytes, cost.bytes);
+    // Both map the file: the first packed into it, the second found it.
     assert!(second.model.packed_matrices().iter().all(|m| m.is_shared()));
-    assert!(first.model.packed_matrices().iter().all(|m| !m.is_shared()));
+    assert!(first.model.packed_matrices().iter().all(|m| m.is_shared()));
+    assert!(plain.model.packed_matrices().iter().all(|m| !m.is_shared()));
+    assert_eq!(panel_words(&first), panel_words(&plain));
     assert_eq!(panel_words(&second), panel_words(&plain));
+    assert_eq!(ids(&first), ids(&plain));
     assert_eq!(ids(&second), ids(&plain));
     assert_eq!(entries(&cache), files, "nothing more written");
     // Auto on an AVX2-only CPU takes panels, from the cache; elsewhere it keeps the
@@ -157,12 +161,17 @@ fn weights_as_stored_neither_read_nor_write_the_cache() {
 }
 
 #[test]
-fn a_changed_checkpoint_gets_its_own_entry() {
+fn a_changed_checkpoint_gets_its_own_entry_and_its_old_one_goes() {
     warnings();
     let cache = scratch("changed");
     let model = checkpoint_copy("changed-model");
+    // Another checkpoint's entry in the same directory: never touched.
+    drop(open(&model_dir("a").unwrap(), WeightLayout::Panels, &cache));
+    let other = entries(&cache);
+    assert_eq!(other.len(), 1);
     let before = open(&model, WeightLayout::Panels, &cache);
-    assert_eq!(entries(&cache).len(), 1);
+    let old = entries(&cache);
+    assert_eq!(old.len(), 2);
     // The same tensors, one weight of a packed matrix changed (in the middle of the
     // shard, away from the bytes the identity hashes): a rewrite, as a fine-tune would.
     let st = model.join("model.safetensors");
@@ -174,7 +183,13 @@ fn a_changed_checkpoint_gets_its_own_entry() {
     std::fs::write(&st, &bytes).unwrap();
     let after = open(&model, WeightLayout::Panels, &cache);
     assert!(!after.panel_cost().unwrap().from_cache);
-    assert_eq!(entries(&cache).len(), 2);
+    // The new entry replaced the old one of the same directory; the other stays.
+    let now = entries(&cache);
+    assert_eq!(now.len(), 2, "{now:?}");
+    assert!(now.contains(&other[0]), "{now:?}");
+    let stale: Vec<_> = old.iter().filter(|p| **p != other[0]).collect();
+    assert!(!now.contains(stale[0]), "{now:?}");
+    // The engine loaded before keeps its (now unlinked) mapping.
     assert_ne!(panel_words(&after), panel_words(&before));
     let fresh = Engine::open_with_layout(&model, WeightLayout::Panels).unwrap();
     assert_eq!(panel_words(&after), panel_words(&fresh));
@@ -192,23 +207,58 @@ fn a_damaged_entry_is_reported_and_replaced() {
     let model = model_dir("a").unwrap();
     let want = panel_words(&Engine::open_with_layout(&model, WeightLayout::Panels).unwrap());
     type Damage = fn(&mut Vec<u8>);
-    let damages: [(&str, Damage); 6] = [
+    let damages: [(&str, Damage); 9] = [
         ("truncated", |b| b.truncate(b.len() / 2)),
         ("empty", |b| b.clear()),
         ("magic", |b| b[0] = b'X'),
+        ("format", |b| b[8] = 1),
         ("manifest length", |b| {
-            b[8..16].copy_from_slice(&u64::MAX.to_le_bytes())
+            b[24..32].copy_from_slice(&u64::MAX.to_le_bytes())
+        }),
+        ("manifest offset", |b| {
+            b[16..24].copy_from_slice(&16u64.to_le_bytes())
         }),
         ("identity", |b| {
             let at = b.windows(8).position(|w| w == b"identity").unwrap();
             b[at + 12] ^= 1;
         }),
-        ("manifest json", |b| b[16] = b'!'),
+        ("manifest json", |b| {
+            let at = u64::from_le_bytes(b[16..24].try_into().unwrap()) as usize;
+            b[at] = b'!';
+        }),
+        ("matrix offset", |b| {
+            // The first matrix's offset, 4096, made 4097 (misaligned).
+            let at = b.windows(6).rposition(|w| w == b",4096]").unwrap();
+            b[at + 5] = b'7';
+            b.insert(at + 6, b']');
+            let len = b.len() as u64;
+            let manifest_at = u64::from_le_bytes(b[16..24].try_into().unwrap());
+            b[24..32].copy_from_slice(&(len - manifest_at).to_le_bytes());
+        }),
     ];
     for (what, damage) in damages {
         let cache = scratch(&format!("damaged-{}", what.replace(' ', "-")));
         drop(open(&model, WeightLayout::Panels, &cache));
         let file = entries(&cache).pop().unwrap();
+        // An older writer's abandoned temporary file, and one being written now.
+        let abandoned = cache.join(format!(
+            ".{}.tmp-1-0",
+            file.file_name().unwrap().to_string_lossy()
+        ));
+        let live = cache.join(format!(
+            ".{}.tmp-2-0",
+            file.file_name().unwrap().to_string_lossy()
+        ));
+        for t in [&abandoned, &live] {
+            std::fs::write(t, b"partial").unwrap();
+        }
+        let hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        std::fs::File::options()
+            .write(true)
+            .open(&abandoned)
+            .unwrap()
+            .set_modified(hours_ago)
+            .unwrap();
         let mut bytes = std::fs::read(&file).unwrap();
         let intact = bytes.len();
         damage(&mut bytes);
@@ -230,6 +280,8 @@ fn a_damaged_entry_is_reported_and_replaced() {
             intact,
             "{what}"
         );
+        assert!(!abandoned.exists(), "{what}");
+        assert!(live.exists(), "{what}");
         let next = open(&model, WeightLayout::Panels, &cache);
         assert!(next.panel_cost().unwrap().from_cache, "{what}");
         assert_eq!(panel_words(&next), want, "{what}");

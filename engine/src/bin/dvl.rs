@@ -36,8 +36,9 @@ load). Where AVX2 is the CPU's best ISA the text decoder's bf16 weights are repa
 16-output panels at load (--weights auto, the default: a copy of them, skipped where it
 would not fit in available memory; DVL_PACK=0 or 1 overrides auto). --weights stored reads
 them as stored (no copy), --weights panels repacks on any CPU. --panel-cache DIR (or
-DVL_PANEL_CACHE=DIR) keeps the panels in a file per checkpoint in DIR: later loads map it
-instead of repacking (the panels' size again on disk; a changed checkpoint gets a new file).";
+DVL_PANEL_CACHE=DIR) keeps the panels in a file per checkpoint in DIR: the first load packs
+into it, later loads map it instead of repacking (the panels' size again on disk; a changed
+checkpoint gets a new file and its old one is deleted).";
 
 /// `print!` to standard output, flushed. Rust ignores SIGPIPE, so a plain `print!` panics
 /// when the reader has gone (`dvl bench | head -1`); here a closed pipe ends the program
