@@ -283,11 +283,11 @@ fn header(map: &[u8]) -> Result<(u64, u64), String> {
     let u64_at = |i: usize| u64::from_le_bytes(map[i..i + 8].try_into().expect("8 bytes"));
     let format = u32::from_le_bytes(map[8..12].try_into().expect("4 bytes"));
     if format != FORMAT {
-        // Format 1 kept the manifest's length here: any larger number is an older file.
-        return Err(if format > FORMAT {
-            format!("cache file format {format} (this build reads {FORMAT})")
+        // Format 1 kept the manifest's length at 8 and the manifest itself at 16.
+        return Err(if map[16] == b'{' {
+            format!("written by an older dvl (cache file format 1; this build reads {FORMAT})")
         } else {
-            format!("an older cache file format (this build reads {FORMAT})")
+            format!("cache file format {format} (this build reads {FORMAT})")
         });
     }
     let (at, manifest_len) = (u64_at(16), u64_at(24));

@@ -207,11 +207,19 @@ fn a_damaged_entry_is_reported_and_replaced() {
     let model = model_dir("a").unwrap();
     let want = panel_words(&Engine::open_with_layout(&model, WeightLayout::Panels).unwrap());
     type Damage = fn(&mut Vec<u8>);
-    let damages: [(&str, Damage); 9] = [
+    let damages: [(&str, Damage); 10] = [
         ("truncated", |b| b.truncate(b.len() / 2)),
         ("empty", |b| b.clear()),
         ("magic", |b| b[0] = b'X'),
         ("format", |b| b[8] = 1),
+        ("format 1", |b| {
+            // What an older dvl wrote: the manifest's length, then the manifest.
+            let manifest = br#"{"format":1,"identity":"x","matrices":[]}"#;
+            let mut old = b"DVLPANEL".to_vec();
+            old.extend((manifest.len() as u64).to_le_bytes());
+            old.extend(manifest);
+            *b = old;
+        }),
         ("manifest length", |b| {
             b[24..32].copy_from_slice(&u64::MAX.to_le_bytes())
         }),
@@ -274,6 +282,9 @@ fn a_damaged_entry_is_reported_and_replaced() {
             w[0].contains("panel cache") && w[0].contains("repacking"),
             "{what}: {w:?}"
         );
+        if what == "format 1" {
+            assert!(w[0].contains("older dvl"), "{w:?}");
+        }
         // Rewritten: the next load maps it again.
         assert_eq!(
             std::fs::metadata(&file).unwrap().len() as usize,
