@@ -49,16 +49,31 @@ type Acc = [__m256; 2 * MR];
 #[inline(always)]
 unsafe fn micro_tile(a: *const f32, kc: usize, b: *const f32, acc: &mut Acc) {
     let mut c = *acc;
-    for kk in 0..kc {
-        let b0 = _mm256_loadu_ps(b.add(kk * NR));
-        let b1 = _mm256_loadu_ps(b.add(kk * NR + 8));
-        for r in 0..MR {
-            let a = _mm256_broadcast_ss(&*a.add(kk * MR + r));
-            c[2 * r] = _mm256_fmadd_ps(a, b0, c[2 * r]);
-            c[2 * r + 1] = _mm256_fmadd_ps(a, b1, c[2 * r + 1]);
-        }
+    // Four k at a time with the pointers bumped once: every load's offset is a constant.
+    let (mut ap, mut bp) = (a, b);
+    for _ in 0..kc / 4 {
+        k_step(&mut c, ap, bp, 0);
+        k_step(&mut c, ap, bp, 1);
+        k_step(&mut c, ap, bp, 2);
+        k_step(&mut c, ap, bp, 3);
+        ap = ap.add(4 * MR);
+        bp = bp.add(4 * NR);
+    }
+    for kk in 0..kc % 4 {
+        k_step(&mut c, ap, bp, kk);
     }
     *acc = c;
+}
+
+#[inline(always)]
+unsafe fn k_step(c: &mut Acc, a: *const f32, b: *const f32, kk: usize) {
+    let b0 = _mm256_loadu_ps(b.add(kk * NR));
+    let b1 = _mm256_loadu_ps(b.add(kk * NR + 8));
+    for r in 0..MR {
+        let a = _mm256_broadcast_ss(&*a.add(kk * MR + r));
+        c[2 * r] = _mm256_fmadd_ps(a, b0, c[2 * r]);
+        c[2 * r + 1] = _mm256_fmadd_ps(a, b1, c[2 * r + 1]);
+    }
 }
 
 /// A tile's `mr` activation rows (rows `k` apart from `x`), k `0..kc`, packed k-major:
