@@ -208,8 +208,9 @@ struct PanelsMade {
 /// table's looked-up rows) and a pass over them at load; skipped when the copy would not
 /// fit in available memory. `layout` other than `Auto` decides; under `Auto`, `DVL_PACK=0`
 /// keeps the weights as stored and `DVL_PACK=1` packs whatever the CPU and memory.
-/// With a panel `cache` entry, a valid file is mapped instead (no copy, whatever the
-/// memory) and a missing or unusable one is written after repacking.
+/// With a panel `cache` entry, a valid file is mapped instead and a missing or unusable one
+/// is replaced by repacking straight into a new file (either way no anonymous copy, so no
+/// memory check).
 /// Returns `None` where the weights stay as stored.
 fn pack_if_worthwhile(
     model: &mut Model<'static>,
