@@ -223,6 +223,10 @@ pub struct CpuBackend {
     /// triple that) until a larger one replaces it.
     #[cfg(all(feature = "std", target_arch = "x86_64"))]
     pack_scratch: std::sync::Mutex<Option<dvl_kernels::amx::PackedActs>>,
+    /// The AVX2 GEMM's rows packed once for all pieces of a split (`GemmRows`); kept
+    /// between matmuls for the same reason as `pack_scratch`.
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    gemm_rows_scratch: std::sync::Mutex<Vec<f32>>,
 }
 
 impl CpuBackend {
@@ -239,6 +243,8 @@ impl CpuBackend {
             pool: None,
             #[cfg(all(feature = "std", target_arch = "x86_64"))]
             pack_scratch: std::sync::Mutex::new(None),
+            #[cfg(all(feature = "std", target_arch = "x86_64"))]
+            gemm_rows_scratch: std::sync::Mutex::new(Vec::new()),
         };
         be.bf16 = be.f32_kernel();
         #[cfg(feature = "std")]
@@ -1011,8 +1017,63 @@ impl CpuBackend {
     }
 }
 
+/// A matmul's rows for the AVX2 GEMM ([`CpuBackend::matmul_many_rows`]): as they are, or
+/// packed once ([`dvl_kernels::x86::pack_gemm_rows`]) where the outputs split into pieces
+/// that would each pack them again (every piece reads all the rows).
+#[cfg(target_arch = "x86_64")]
+enum GemmRows<'a> {
+    Plain(&'a [f32]),
+    // Without std there is no pool, so nothing splits.
+    #[cfg_attr(not(feature = "std"), allow(dead_code))]
+    Packed(Vec<f32>),
+}
+
 #[cfg(target_arch = "x86_64")]
 impl CpuBackend {
+    /// Outputs per piece where `m × k` rows against `n` outputs split across the pool
+    /// (whole panels, see [`many_rows_piece`]), `None` where they run as one piece.
+    fn many_rows_split(&self, m: usize, k: usize, n: usize) -> Option<usize> {
+        #[cfg(feature = "std")]
+        if let Some(pool) = &self.pool {
+            let per = many_rows_piece(n, pool.current_num_threads());
+            if m * n * k >= PAR_MIN_MACS && n > per {
+                return Some(per);
+            }
+        }
+        let _ = (m, k, n);
+        None
+    }
+
+    /// `x` ready for matmuls against outputs `ns`: packed once (in the kept scratch) when any
+    /// of them splits into pieces.
+    fn gemm_rows<'a>(&self, x: &'a [f32], m: usize, k: usize, ns: &[usize]) -> GemmRows<'a> {
+        #[cfg(feature = "std")]
+        if ns.iter().any(|&n| self.many_rows_split(m, k, n).is_some()) {
+            let mut rows = self
+                .gemm_rows_scratch
+                .lock()
+                .map(|mut s| std::mem::take(&mut *s))
+                .unwrap_or_default();
+            rows.resize(dvl_kernels::x86::gemm_rows_len(m, k), 0.0);
+            dvl_kernels::x86::pack_gemm_rows(x, m, k, &mut rows);
+            return GemmRows::Packed(rows);
+        }
+        let _ = (m, k, ns);
+        GemmRows::Plain(x)
+    }
+
+    /// Give a packing's allocation back for the next matmul.
+    fn keep_gemm_rows(&self, rows: GemmRows<'_>) {
+        #[cfg(feature = "std")]
+        if let GemmRows::Packed(v) = rows {
+            if let Ok(mut s) = self.gemm_rows_scratch.lock() {
+                *s = v;
+            }
+        }
+        #[cfg(not(feature = "std"))]
+        drop(rows);
+    }
+
     /// Many rows on the packed AVX2 GEMM, the outputs split into whole-panel column ranges,
     /// one per pool task: each range's weights are widened and packed once, by one thread.
     #[allow(clippy::too_many_arguments)]
@@ -1026,34 +1087,69 @@ impl CpuBackend {
         bias: Option<&[f32]>,
         out: &mut [f32],
     ) {
-        use dvl_kernels::x86::{gemm_avx2, gemm_avx2_panels};
+        let rows = self.gemm_rows(x, m, k, &[n]);
+        self.matmul_many_rows_of(&rows, m, k, w, n, bias, out);
+        self.keep_gemm_rows(rows);
+    }
+
+    /// [`CpuBackend::matmul_many_rows`] on rows already prepared.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_many_rows_of(
+        &self,
+        rows: &GemmRows<'_>,
+        m: usize,
+        k: usize,
+        w: WData<'_>,
+        n: usize,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
+        use dvl_kernels::x86::{
+            gemm_avx2, gemm_avx2_panels, gemm_avx2_panels_prepacked, gemm_avx2_prepacked,
+        };
         assert!(self.isa == Isa::Avx2, "matmul_many_rows: AVX2 only");
         assert!(out.len() >= m * n, "matmul: output too short");
         assert!(bias.is_none_or(|b| b.len() >= n), "matmul: bias too short");
         let shared = SharedOut(out.as_mut_ptr());
-        // SAFETY (all three arms): the ISA is AVX2 (asserted above; it comes from
+        // SAFETY (every arm): the ISA is AVX2 (asserted above; it comes from
         // cpu::detect_isa); the kernel asserts its operands and writes only columns n0..n1
         // of rows 0..m, inside `out` (asserted above), which no other piece writes.
         let columns = |n0: usize, n1: usize| unsafe {
             let (b, o) = (bias.map(|b| &b[n0..n1]), shared.get().add(n0));
-            match w {
-                WData::BF16(s) => gemm_avx2(x, m, k, &s[n0 * k..n1 * k], n1 - n0, b, o, n),
-                WData::F16(s) => gemm_avx2(x, m, k, &s[n0 * k..n1 * k], n1 - n0, b, o, n),
-                WData::F32(s) => gemm_avx2(x, m, k, &s[n0 * k..n1 * k], n1 - n0, b, o, n),
+            match (rows, w) {
+                (GemmRows::Plain(x), WData::BF16(s)) => {
+                    gemm_avx2(x, m, k, &s[n0 * k..n1 * k], n1 - n0, b, o, n)
+                }
+                (GemmRows::Plain(x), WData::F16(s)) => {
+                    gemm_avx2(x, m, k, &s[n0 * k..n1 * k], n1 - n0, b, o, n)
+                }
+                (GemmRows::Plain(x), WData::F32(s)) => {
+                    gemm_avx2(x, m, k, &s[n0 * k..n1 * k], n1 - n0, b, o, n)
+                }
                 // Pieces are whole panels (many_rows_piece), so n0 is on a panel boundary.
-                WData::Packed(p) => gemm_avx2_panels(x, m, p, n0, n1, b, o, n),
+                (GemmRows::Plain(x), WData::Packed(p)) => {
+                    gemm_avx2_panels(x, m, p, n0, n1, b, o, n)
+                }
+                (GemmRows::Packed(r), WData::BF16(s)) => {
+                    gemm_avx2_prepacked(r, m, k, &s[n0 * k..n1 * k], n1 - n0, b, o, n)
+                }
+                (GemmRows::Packed(r), WData::F16(s)) => {
+                    gemm_avx2_prepacked(r, m, k, &s[n0 * k..n1 * k], n1 - n0, b, o, n)
+                }
+                (GemmRows::Packed(r), WData::F32(s)) => {
+                    gemm_avx2_prepacked(r, m, k, &s[n0 * k..n1 * k], n1 - n0, b, o, n)
+                }
+                (GemmRows::Packed(r), WData::Packed(p)) => {
+                    gemm_avx2_panels_prepacked(r, m, p, n0, n1, b, o, n)
+                }
             }
         };
-        #[cfg(feature = "std")]
-        if let Some(pool) = &self.pool {
-            let per = many_rows_piece(n, pool.current_num_threads());
-            if m * n * k >= PAR_MIN_MACS && n > per {
-                // for_pieces joins before `out`'s borrow ends.
-                self.for_pieces(n.div_ceil(per), |p| {
-                    columns(p * per, ((p + 1) * per).min(n))
-                });
-                return;
-            }
+        if let Some(per) = self.many_rows_split(m, k, n) {
+            // for_pieces joins before `out`'s borrow ends.
+            self.for_pieces(n.div_ceil(per), |p| {
+                columns(p * per, ((p + 1) * per).min(n))
+            });
+            return;
         }
         columns(0, n);
     }
@@ -1163,6 +1259,17 @@ impl Backend for CpuBackend {
         if self.few_rows_many(x, m, k, projs) {
             return;
         }
+        // The AVX2 GEMM: the rows packed once for all the projections and their pieces.
+        #[cfg(target_arch = "x86_64")]
+        if self.many_rows_gemm(self.kernel_for(m, k), m) {
+            let ns: Vec<usize> = projs.iter().map(|p| p.n).collect();
+            let rows = self.gemm_rows(x, m, k, &ns);
+            for p in projs.iter_mut() {
+                self.matmul_many_rows_of(&rows, m, k, p.w, p.n, p.bias, p.out);
+            }
+            self.keep_gemm_rows(rows);
+            return;
+        }
         for p in projs.iter_mut() {
             self.matmul(x, m, k, p.w, p.n, p.bias, p.out);
         }
@@ -1193,6 +1300,19 @@ impl Backend for CpuBackend {
         }
         #[cfg(feature = "std")]
         if self.few_rows_swiglu(x, m, k, gate, up, n, out) {
+            return;
+        }
+        // The AVX2 GEMM: the rows packed once for both projections and their pieces; the
+        // values of swiglu_unfused's two matmuls.
+        #[cfg(target_arch = "x86_64")]
+        if self.many_rows_gemm(self.kernel_for(m, k), m) {
+            assert!(out.len() >= m * n, "matmul: output too short");
+            let rows = self.gemm_rows(x, m, k, &[n]);
+            let mut u = vec![0f32; m * n];
+            self.matmul_many_rows_of(&rows, m, k, gate.0, n, gate.1, out);
+            self.matmul_many_rows_of(&rows, m, k, up.0, n, up.1, &mut u);
+            self.keep_gemm_rows(rows);
+            self.silu_mul(&mut out[..m * n], &u);
             return;
         }
         swiglu_unfused(self, x, m, k, gate, up, n, out);

@@ -208,3 +208,63 @@ fn checked_words_agrees_with_words_and_refuses_overflow() {
     assert_eq!(PackedBf16::checked_words(u64::MAX, 2), None);
     assert_eq!(PackedBf16::checked_words(1 << 40, 1 << 40), None);
 }
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn gemm_on_rows_packed_once_gives_the_bits_of_the_gemm_that_packs_them_itself() {
+    use dvl_kernels::x86::{
+        gemm_avx2, gemm_avx2_panels, gemm_avx2_panels_prepacked, gemm_avx2_prepacked,
+        gemm_rows_len, pack_gemm_rows,
+    };
+    if !isas().contains(&Isa::Avx2) {
+        eprintln!("skipped: no AVX2");
+        return;
+    }
+    // Row tiles (6), row blocks (96), k blocks (256, unequal remainders) and odd k.
+    let shapes = [
+        (1, 1, 16),
+        (7, 9, 17),
+        (13, 257, 40),
+        (97, 513, 33),
+        (200, 64, 70),
+    ];
+    for &(m, k, n) in &shapes {
+        let x = rand_vec(m * k, 31 + m as u64);
+        let w = bf16_vec(n * k, 32 + k as u64);
+        let bias = rand_vec(n, 33);
+        let packed = PackedBf16::new(&w, n, k);
+        let mut rows = vec![f32::NAN; gemm_rows_len(m, k)];
+        pack_gemm_rows(&x, m, k, &mut rows);
+        // Column pieces on panel boundaries, as the engine splits a call.
+        let cuts = [0, 16.min(n), n];
+        let run = |prepacked: bool, panels: bool| {
+            let mut out = vec![f32::NAN; m * n];
+            for piece in cuts.windows(2) {
+                let (n0, n1) = (piece[0], piece[1]);
+                let (b, o) = (Some(&bias[n0..n1]), out[n0..].as_mut_ptr());
+                let ws = &w[n0 * k..n1 * k];
+                // SAFETY: AVX2 checked above; `out` holds m rows of n from column n0.
+                unsafe {
+                    match (prepacked, panels) {
+                        (false, false) => gemm_avx2(&x, m, k, ws, n1 - n0, b, o, n),
+                        (true, false) => gemm_avx2_prepacked(&rows, m, k, ws, n1 - n0, b, o, n),
+                        (false, true) => gemm_avx2_panels(&x, m, &packed, n0, n1, b, o, n),
+                        (true, true) => {
+                            gemm_avx2_panels_prepacked(&rows, m, &packed, n0, n1, b, o, n)
+                        }
+                    }
+                }
+            }
+            out
+        };
+        let want = run(false, false);
+        assert!(want.iter().all(|v| v.is_finite()), "m={m} k={k} n={n}");
+        for (prepacked, panels) in [(true, false), (false, true), (true, true)] {
+            assert_eq!(
+                bits(&run(prepacked, panels)),
+                bits(&want),
+                "m={m} k={k} n={n} prepacked={prepacked} panels={panels}"
+            );
+        }
+    }
+}

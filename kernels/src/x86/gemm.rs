@@ -89,6 +89,47 @@ unsafe fn pack_rows(x: *const f32, k: usize, mr: usize, kc: usize, dst: *mut f32
     }
 }
 
+/// Floats of `m` rows of `k` packed by [`pack_gemm_rows`].
+pub fn gemm_rows_len(m: usize, k: usize) -> usize {
+    let kc = k_block(k);
+    m.div_ceil(MR) * MR * k.div_ceil(kc) * kc
+}
+
+/// `m` rows of `k` (`x`) packed once for all the pieces of a GEMM split by outputs
+/// ([`gemm_avx2_prepacked`], [`gemm_avx2_panels_prepacked`]), which would otherwise each
+/// pack them again: per k block, per 6-row tile, the tile's rows k-major, as
+/// [`pack_rows`] packs them (block `b`, tile `t` at `(b · tiles + t) · 6 · kc`, `kc` the k
+/// block size). `dst` must hold [`gemm_rows_len`] floats.
+pub fn pack_gemm_rows(x: &[f32], m: usize, k: usize, dst: &mut [f32]) {
+    assert!(
+        x.len() >= m * k && dst.len() >= gemm_rows_len(m, k),
+        "pack_gemm_rows: operand too short"
+    );
+    if k == 0 || m == 0 {
+        return;
+    }
+    let kc_step = k_block(k);
+    let tiles = m.div_ceil(MR);
+    for (b, pc) in (0..k).step_by(kc_step).enumerate() {
+        let kc = kc_step.min(k - pc);
+        for t in 0..tiles {
+            let mr = MR.min(m - t * MR);
+            // SAFETY: pack_rows reads rows t·6 .. t·6 + mr (< m) at k pc .. pc + kc (≤ k) of
+            // x, and writes 6 · kc floats from (b · tiles + t) · 6 · kc_step, inside dst
+            // (both lengths asserted above).
+            unsafe {
+                pack_rows(
+                    x.as_ptr().add(t * MR * k + pc),
+                    k,
+                    mr,
+                    kc,
+                    dst.as_mut_ptr().add((b * tiles + t) * MR * kc_step),
+                )
+            };
+        }
+    }
+}
+
 /// In-register transpose of 8 × 8 floats: `v[c][t]` becomes `v[t][c]`.
 #[inline(always)]
 unsafe fn transpose8(v: &mut [__m256; 8]) {
@@ -244,7 +285,41 @@ pub unsafe fn gemm_avx2<W: WeightElem>(
         x.len() >= m * k && w.len() >= n * k,
         "gemm_avx2: operand too short"
     );
-    gemm(x, m, k, Stored(w.as_ptr(), k), n, bias, out, ldo)
+    gemm(
+        Acts::Rows(x.as_ptr()),
+        m,
+        k,
+        Stored(w.as_ptr(), k),
+        n,
+        bias,
+        out,
+        ldo,
+    )
+}
+
+/// [`gemm_avx2`] with the rows packed beforehand by [`pack_gemm_rows`] (`rows`): the same
+/// bits.
+///
+/// # Safety
+/// As [`gemm_avx2`].
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_avx2_prepacked<W: WeightElem>(
+    rows: &[f32],
+    m: usize,
+    k: usize,
+    w: &[W],
+    n: usize,
+    bias: Option<&[f32]>,
+    out: *mut f32,
+    ldo: usize,
+) {
+    assert!(
+        rows.len() >= gemm_rows_len(m, k) && w.len() >= n * k,
+        "gemm_avx2: operand too short"
+    );
+    let src = Stored(w.as_ptr(), k);
+    gemm(Acts::Packed(rows.as_ptr()), m, k, src, n, bias, out, ldo)
 }
 
 /// [`gemm_avx2`] for columns `n0..n1` of panel weights ([`crate::packed`]), `n0` on a panel
@@ -271,7 +346,54 @@ pub unsafe fn gemm_avx2_panels(
         "gemm_avx2_panels: columns"
     );
     let src = Panels(w.panels_from(n0 / PANEL).as_ptr(), PackedBf16::panel_len(k));
-    gemm(x, m, k, src, n1 - n0, bias, out, ldo)
+    gemm(Acts::Rows(x.as_ptr()), m, k, src, n1 - n0, bias, out, ldo)
+}
+
+/// [`gemm_avx2_panels`] with the rows packed beforehand by [`pack_gemm_rows`] (`rows`):
+/// the same bits.
+///
+/// # Safety
+/// As [`gemm_avx2_panels`].
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_avx2_panels_prepacked(
+    rows: &[f32],
+    m: usize,
+    w: &PackedBf16,
+    n0: usize,
+    n1: usize,
+    bias: Option<&[f32]>,
+    out: *mut f32,
+    ldo: usize,
+) {
+    let k = w.k();
+    assert!(
+        rows.len() >= gemm_rows_len(m, k),
+        "gemm_avx2: operand too short"
+    );
+    assert!(
+        n0.is_multiple_of(PANEL) && n0 <= n1 && n1 <= w.n(),
+        "gemm_avx2_panels: columns"
+    );
+    let src = Panels(w.panels_from(n0 / PANEL).as_ptr(), PackedBf16::panel_len(k));
+    gemm(
+        Acts::Packed(rows.as_ptr()),
+        m,
+        k,
+        src,
+        n1 - n0,
+        bias,
+        out,
+        ldo,
+    )
+}
+
+/// The GEMM's activations: `m` rows of `k` as they are (packed per row block as the call
+/// goes), or packed beforehand by [`pack_gemm_rows`].
+#[derive(Clone, Copy)]
+enum Acts {
+    Rows(*const f32),
+    Packed(*const f32),
 }
 
 /// Where the GEMM's f32 panels come from: weights as stored, or repacked panels.
@@ -319,8 +441,9 @@ impl PanelSource for Panels {
 }
 
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn gemm<S: PanelSource>(
-    x: &[f32],
+    acts: Acts,
     m: usize,
     k: usize,
     w: S,
@@ -336,7 +459,6 @@ unsafe fn gemm<S: PanelSource>(
     if m == 0 || n == 0 {
         return;
     }
-    let x = x.as_ptr();
     if k == 0 {
         for i in 0..m {
             for j in 0..n {
@@ -351,8 +473,13 @@ unsafe fn gemm<S: PanelSource>(
     debug_assert!(kc_step <= KC);
     let mut packed = alloc::vec![0f32; NC.min(n.next_multiple_of(NR)) * kc_step];
     let packed = packed.as_mut_ptr();
-    let mut rows = alloc::vec![0f32; MC * kc_step];
-    let rows = rows.as_mut_ptr();
+    // Rows packed per row block, unless they came packed.
+    let mut block_rows = match acts {
+        Acts::Rows(_) => alloc::vec![0f32; MC * kc_step],
+        Acts::Packed(_) => alloc::vec::Vec::new(),
+    };
+    let block_rows = block_rows.as_mut_ptr();
+    let tiles = m.div_ceil(MR);
     for jc in (0..n).step_by(NC) {
         let nc = NC.min(n - jc);
         let panels = nc.div_ceil(NR);
@@ -365,9 +492,12 @@ unsafe fn gemm<S: PanelSource>(
             let (first, last) = (pc == 0, pc + kc == k);
             for ic in (0..m).step_by(MC) {
                 let mc = MC.min(m - ic);
-                for ir in (ic..ic + mc).step_by(MR) {
-                    let mr = MR.min(ic + mc - ir);
-                    pack_rows(x.add(ir * k + pc), k, mr, kc, rows.add((ir - ic) * kc));
+                if let Acts::Rows(x) = acts {
+                    for ir in (ic..ic + mc).step_by(MR) {
+                        let mr = MR.min(ic + mc - ir);
+                        let dst = block_rows.add((ir - ic) * kc);
+                        pack_rows(x.add(ir * k + pc), k, mr, kc, dst);
+                    }
                 }
                 for p in 0..panels {
                     let j0 = jc + p * NR;
@@ -386,7 +516,14 @@ unsafe fn gemm<S: PanelSource>(
                             }
                         }
                         let mut acc = [_mm256_setzero_ps(); 2 * MR];
-                        micro_tile(rows.add((ir - ic) * kc), kc, panel, &mut acc);
+                        let tile_rows = match acts {
+                            Acts::Rows(_) => block_rows.add((ir - ic) * kc),
+                            // ir is a multiple of 6 (row blocks are 96 rows).
+                            Acts::Packed(p) => {
+                                p.add(((pc / kc_step) * tiles + ir / MR) * MR * kc_step)
+                            }
+                        };
+                        micro_tile(tile_rows, kc, panel, &mut acc);
                         if !first {
                             let before = load_tile(o, ldo, mr, nr);
                             for (a, b) in acc.iter_mut().zip(before) {
