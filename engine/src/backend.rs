@@ -1104,44 +1104,26 @@ impl CpuBackend {
         bias: Option<&[f32]>,
         out: &mut [f32],
     ) {
-        use dvl_kernels::x86::{
-            gemm_avx2, gemm_avx2_panels, gemm_avx2_panels_prepacked, gemm_avx2_prepacked,
-        };
+        use dvl_kernels::x86::{gemm_avx2, gemm_avx2_panels, GemmActs};
         assert!(self.isa == Isa::Avx2, "matmul_many_rows: AVX2 only");
         assert!(out.len() >= m * n, "matmul: output too short");
         assert!(bias.is_none_or(|b| b.len() >= n), "matmul: bias too short");
+        let acts = match rows {
+            GemmRows::Plain(x) => GemmActs::Rows(x),
+            GemmRows::Packed(r) => GemmActs::Packed(r),
+        };
         let shared = SharedOut(out.as_mut_ptr());
         // SAFETY (every arm): the ISA is AVX2 (asserted above; it comes from
         // cpu::detect_isa); the kernel asserts its operands and writes only columns n0..n1
         // of rows 0..m, inside `out` (asserted above), which no other piece writes.
         let columns = |n0: usize, n1: usize| unsafe {
             let (b, o) = (bias.map(|b| &b[n0..n1]), shared.get().add(n0));
-            match (rows, w) {
-                (GemmRows::Plain(x), WData::BF16(s)) => {
-                    gemm_avx2(x, m, k, &s[n0 * k..n1 * k], n1 - n0, b, o, n)
-                }
-                (GemmRows::Plain(x), WData::F16(s)) => {
-                    gemm_avx2(x, m, k, &s[n0 * k..n1 * k], n1 - n0, b, o, n)
-                }
-                (GemmRows::Plain(x), WData::F32(s)) => {
-                    gemm_avx2(x, m, k, &s[n0 * k..n1 * k], n1 - n0, b, o, n)
-                }
+            match w {
+                WData::BF16(s) => gemm_avx2(acts, m, k, &s[n0 * k..n1 * k], n1 - n0, b, o, n),
+                WData::F16(s) => gemm_avx2(acts, m, k, &s[n0 * k..n1 * k], n1 - n0, b, o, n),
+                WData::F32(s) => gemm_avx2(acts, m, k, &s[n0 * k..n1 * k], n1 - n0, b, o, n),
                 // Pieces are whole panels (many_rows_piece), so n0 is on a panel boundary.
-                (GemmRows::Plain(x), WData::Packed(p)) => {
-                    gemm_avx2_panels(x, m, p, n0, n1, b, o, n)
-                }
-                (GemmRows::Packed(r), WData::BF16(s)) => {
-                    gemm_avx2_prepacked(r, m, k, &s[n0 * k..n1 * k], n1 - n0, b, o, n)
-                }
-                (GemmRows::Packed(r), WData::F16(s)) => {
-                    gemm_avx2_prepacked(r, m, k, &s[n0 * k..n1 * k], n1 - n0, b, o, n)
-                }
-                (GemmRows::Packed(r), WData::F32(s)) => {
-                    gemm_avx2_prepacked(r, m, k, &s[n0 * k..n1 * k], n1 - n0, b, o, n)
-                }
-                (GemmRows::Packed(r), WData::Packed(p)) => {
-                    gemm_avx2_panels_prepacked(r, m, p, n0, n1, b, o, n)
-                }
+                WData::Packed(p) => gemm_avx2_panels(acts, m, p, n0, n1, b, o, n),
             }
         };
         if let Some(per) = self.many_rows_split(m, k, n) {

@@ -283,7 +283,18 @@ pub fn matmul_many_rows<W: WeightElem>(
         check_shapes(x, m, k, w, n, bias, out, ldo);
         // SAFETY: Isa::Avx2 comes from cpu::detect_isa (AVX2, FMA, F16C and OS support);
         // shapes were checked above.
-        return unsafe { crate::x86::gemm_avx2(x, m, k, w, n, bias, out.as_mut_ptr(), ldo) };
+        return unsafe {
+            crate::x86::gemm_avx2(
+                crate::x86::GemmActs::Rows(x),
+                m,
+                k,
+                w,
+                n,
+                bias,
+                out.as_mut_ptr(),
+                ldo,
+            )
+        };
     }
     matmul(isa, x, m, k, w, n, bias, out, ldo)
 }

@@ -385,7 +385,16 @@ pub fn matmul_many_rows_packed(
         check_shapes("matmul_many_rows_packed", m, k, w, (n0, n1), bias, out, ldo);
         // SAFETY: Isa::Avx2 comes from cpu::detect_isa (AVX2, FMA, F16C); shapes checked.
         return unsafe {
-            crate::x86::gemm_avx2_panels(x, m, w, n0, n1, bias, out.as_mut_ptr(), ldo)
+            crate::x86::gemm_avx2_panels(
+                crate::x86::GemmActs::Rows(x),
+                m,
+                w,
+                n0,
+                n1,
+                bias,
+                out.as_mut_ptr(),
+                ldo,
+            )
         };
     }
     matmul_packed(isa, x, m, k, w, n0, n1, bias, out, ldo)

@@ -16,10 +16,7 @@ use crate::{WKind, WeightElem};
 
 mod gemm;
 mod panels;
-pub use gemm::{
-    gemm_avx2, gemm_avx2_panels, gemm_avx2_panels_prepacked, gemm_avx2_prepacked, gemm_rows_len,
-    pack_gemm_rows,
-};
+pub use gemm::{gemm_avx2, gemm_avx2_panels, gemm_rows_len, pack_gemm_rows, GemmActs};
 pub use panels::matmul_panels_avx2;
 
 // ---------------------------------------------------------------- AVX-512

@@ -212,10 +212,7 @@ fn checked_words_agrees_with_words_and_refuses_overflow() {
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn gemm_on_rows_packed_once_gives_the_bits_of_the_gemm_that_packs_them_itself() {
-    use dvl_kernels::x86::{
-        gemm_avx2, gemm_avx2_panels, gemm_avx2_panels_prepacked, gemm_avx2_prepacked,
-        gemm_rows_len, pack_gemm_rows,
-    };
+    use dvl_kernels::x86::{gemm_avx2, gemm_avx2_panels, gemm_rows_len, pack_gemm_rows, GemmActs};
     if !isas().contains(&Isa::Avx2) {
         eprintln!("skipped: no AVX2");
         return;
@@ -243,15 +240,17 @@ fn gemm_on_rows_packed_once_gives_the_bits_of_the_gemm_that_packs_them_itself() 
                 let (n0, n1) = (piece[0], piece[1]);
                 let (b, o) = (Some(&bias[n0..n1]), out[n0..].as_mut_ptr());
                 let ws = &w[n0 * k..n1 * k];
+                let acts = if prepacked {
+                    GemmActs::Packed(&rows)
+                } else {
+                    GemmActs::Rows(&x)
+                };
                 // SAFETY: AVX2 checked above; `out` holds m rows of n from column n0.
                 unsafe {
-                    match (prepacked, panels) {
-                        (false, false) => gemm_avx2(&x, m, k, ws, n1 - n0, b, o, n),
-                        (true, false) => gemm_avx2_prepacked(&rows, m, k, ws, n1 - n0, b, o, n),
-                        (false, true) => gemm_avx2_panels(&x, m, &packed, n0, n1, b, o, n),
-                        (true, true) => {
-                            gemm_avx2_panels_prepacked(&rows, m, &packed, n0, n1, b, o, n)
-                        }
+                    if panels {
+                        gemm_avx2_panels(acts, m, &packed, n0, n1, b, o, n)
+                    } else {
+                        gemm_avx2(acts, m, k, ws, n1 - n0, b, o, n)
                     }
                 }
             }

@@ -96,8 +96,7 @@ pub fn gemm_rows_len(m: usize, k: usize) -> usize {
 }
 
 /// `m` rows of `k` (`x`) packed once for all the pieces of a GEMM split by outputs
-/// ([`gemm_avx2_prepacked`], [`gemm_avx2_panels_prepacked`]), which would otherwise each
-/// pack them again: per k block, per 6-row tile, the tile's rows k-major, as
+/// ([`GemmActs::Packed`]), which would otherwise each pack them again: per k block, per 6-row tile, the tile's rows k-major, as
 /// [`pack_rows`] packs them (block `b`, tile `t` at `(b · tiles + t) · 6 · kc`, `kc` the k
 /// block size). `dst` must hold [`gemm_rows_len`] floats.
 pub fn pack_gemm_rows(x: &[f32], m: usize, k: usize, dst: &mut [f32]) {
@@ -272,7 +271,7 @@ unsafe fn store_tile(
 /// floats with `ldo ≥ n` (checked by the safe entry, [`crate::matmul::matmul_many_rows`]).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn gemm_avx2<W: WeightElem>(
-    x: &[f32],
+    x: GemmActs<'_>,
     m: usize,
     k: usize,
     w: &[W],
@@ -281,12 +280,9 @@ pub unsafe fn gemm_avx2<W: WeightElem>(
     out: *mut f32,
     ldo: usize,
 ) {
-    assert!(
-        x.len() >= m * k && w.len() >= n * k,
-        "gemm_avx2: operand too short"
-    );
+    assert!(w.len() >= n * k, "gemm_avx2: operand too short");
     gemm(
-        Acts::Rows(x.as_ptr()),
+        x.checked(m, k),
         m,
         k,
         Stored(w.as_ptr(), k),
@@ -297,40 +293,16 @@ pub unsafe fn gemm_avx2<W: WeightElem>(
     )
 }
 
-/// [`gemm_avx2`] with the rows packed beforehand by [`pack_gemm_rows`] (`rows`): the same
-/// bits.
-///
-/// # Safety
-/// As [`gemm_avx2`].
-#[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_avx2_prepacked<W: WeightElem>(
-    rows: &[f32],
-    m: usize,
-    k: usize,
-    w: &[W],
-    n: usize,
-    bias: Option<&[f32]>,
-    out: *mut f32,
-    ldo: usize,
-) {
-    assert!(
-        rows.len() >= gemm_rows_len(m, k) && w.len() >= n * k,
-        "gemm_avx2: operand too short"
-    );
-    let src = Stored(w.as_ptr(), k);
-    gemm(Acts::Packed(rows.as_ptr()), m, k, src, n, bias, out, ldo)
-}
-
 /// [`gemm_avx2`] for columns `n0..n1` of panel weights ([`crate::packed`]), `n0` on a panel
 /// boundary; column 0 of `out` is output `n0`. Same bits as [`gemm_avx2`] on the weights as
 /// stored (the panels are widened into the same f32 panels).
 ///
 /// # Safety
-/// As [`gemm_avx2`]; `x` must hold `m` rows of `w.k()`, `n0 % 16 == 0`, `n0 ≤ n1 ≤ w.n()`.
+/// As [`gemm_avx2`]; `x` must hold `m` rows of `w.k()` (checked), `n0 % 16 == 0`,
+/// `n0 ≤ n1 ≤ w.n()` (checked).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn gemm_avx2_panels(
-    x: &[f32],
+    x: GemmActs<'_>,
     m: usize,
     w: &PackedBf16,
     n0: usize,
@@ -340,56 +312,44 @@ pub unsafe fn gemm_avx2_panels(
     ldo: usize,
 ) {
     let k = w.k();
-    assert!(x.len() >= m * k, "gemm_avx2: operand too short");
+    let acts = x.checked(m, k);
     assert!(
         n0.is_multiple_of(PANEL) && n0 <= n1 && n1 <= w.n(),
         "gemm_avx2_panels: columns"
     );
     let src = Panels(w.panels_from(n0 / PANEL).as_ptr(), PackedBf16::panel_len(k));
-    gemm(Acts::Rows(x.as_ptr()), m, k, src, n1 - n0, bias, out, ldo)
+    gemm(acts, m, k, src, n1 - n0, bias, out, ldo)
 }
 
-/// [`gemm_avx2_panels`] with the rows packed beforehand by [`pack_gemm_rows`] (`rows`):
-/// the same bits.
-///
-/// # Safety
-/// As [`gemm_avx2_panels`].
-#[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_avx2_panels_prepacked(
-    rows: &[f32],
-    m: usize,
-    w: &PackedBf16,
-    n0: usize,
-    n1: usize,
-    bias: Option<&[f32]>,
-    out: *mut f32,
-    ldo: usize,
-) {
-    let k = w.k();
-    assert!(
-        rows.len() >= gemm_rows_len(m, k),
-        "gemm_avx2: operand too short"
-    );
-    assert!(
-        n0.is_multiple_of(PANEL) && n0 <= n1 && n1 <= w.n(),
-        "gemm_avx2_panels: columns"
-    );
-    let src = Panels(w.panels_from(n0 / PANEL).as_ptr(), PackedBf16::panel_len(k));
-    gemm(
-        Acts::Packed(rows.as_ptr()),
-        m,
-        k,
-        src,
-        n1 - n0,
-        bias,
-        out,
-        ldo,
-    )
+/// The GEMM's activations, `m` rows of `k`: as they are (each call packs the 6-row tiles it
+/// needs, per row block), or packed once beforehand by [`pack_gemm_rows`] for several calls
+/// (the pieces of a split by outputs): the same bits either way.
+#[derive(Clone, Copy, Debug)]
+pub enum GemmActs<'a> {
+    Rows(&'a [f32]),
+    Packed(&'a [f32]),
 }
 
-/// The GEMM's activations: `m` rows of `k` as they are (packed per row block as the call
-/// goes), or packed beforehand by [`pack_gemm_rows`].
+impl GemmActs<'_> {
+    /// The pointer the GEMM reads, after checking the length for `m` rows of `k`.
+    fn checked(self, m: usize, k: usize) -> Acts {
+        match self {
+            GemmActs::Rows(x) => {
+                assert!(x.len() >= m * k, "gemm_avx2: operand too short");
+                Acts::Rows(x.as_ptr())
+            }
+            GemmActs::Packed(r) => {
+                assert!(
+                    r.len() >= gemm_rows_len(m, k),
+                    "gemm_avx2: operand too short"
+                );
+                Acts::Packed(r.as_ptr())
+            }
+        }
+    }
+}
+
+/// [`GemmActs`] as the GEMM reads them.
 #[derive(Clone, Copy)]
 enum Acts {
     Rows(*const f32),
