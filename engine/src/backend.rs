@@ -1054,8 +1054,13 @@ impl CpuBackend {
                 .lock()
                 .map(|mut s| std::mem::take(&mut *s))
                 .unwrap_or_default();
-            rows.resize(dvl_kernels::x86::gemm_rows_len(m, k), 0.0);
-            dvl_kernels::x86::pack_gemm_rows(x, m, k, &mut rows);
+            // Grown, never shrunk: the packing overwrites what it uses, and a regrown tail
+            // would be zeroed again for nothing.
+            let len = dvl_kernels::x86::gemm_rows_len(m, k);
+            if rows.len() < len {
+                rows.resize(len, 0.0);
+            }
+            dvl_kernels::x86::pack_gemm_rows(x, m, k, &mut rows[..len]);
             return GemmRows::Packed(rows);
         }
         let _ = (m, k, ns);
