@@ -244,10 +244,7 @@ fn pack_if_worthwhile(
     if let Some(cache) = cache {
         match cache.writer() {
             Ok(writer) => return Some(pack_into_cache(model, cache, writer)),
-            Err(e) => log::warn!(
-                "panel cache {}: not written ({e}); this load's panels are in memory",
-                cache.path().display()
-            ),
+            Err(e) => warn_not_written(cache, &e),
         }
     }
     if chosen.is_none() && !fits_in_memory(model.lm_weight_bytes()) {
@@ -276,12 +273,6 @@ fn pack_into_cache(
     cache: &PanelCache,
     writer: EntryWriter,
 ) -> PanelsMade {
-    let not_written = |e: &dyn std::fmt::Display| {
-        log::warn!(
-            "panel cache {}: not written ({e}); this load's panels are in memory",
-            cache.path().display()
-        )
-    };
     let writer = std::sync::Mutex::new(Some(writer));
     let ms = pack_timed(model, &|w, n, k| {
         let mut slot = writer.lock().unwrap_or_else(|e| e.into_inner());
@@ -289,7 +280,7 @@ fn pack_into_cache(
             match wr.add(n, k, |dst| pack_into_on_threads(w, n, k, dst)) {
                 Ok(m) => return m,
                 Err(e) => {
-                    not_written(&e);
+                    warn_not_written(cache, &e);
                     *slot = None;
                 }
             }
@@ -319,13 +310,21 @@ fn pack_into_cache(
                     log::info!("panel cache: removed the stale entry {}", f.display());
                 }
             }
-            Err(e) => not_written(&e),
+            Err(e) => warn_not_written(cache, &e),
         }
     }
     PanelsMade {
         ms,
         from_cache: false,
     }
+}
+
+/// The one warning of a cache entry that could not be written.
+fn warn_not_written(cache: &PanelCache, e: &std::io::Error) {
+    log::warn!(
+        "panel cache {}: not written ({e}); this load's panels are in memory",
+        cache.path().display()
+    );
 }
 
 /// The model's panels from `cache`'s file, mapped: `None` (with a warning where a file was
