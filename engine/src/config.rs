@@ -35,6 +35,27 @@ pub struct TextConfig {
     pub max_position_embeddings: usize,
 }
 
+impl TextConfig {
+    /// The sizes against their limits ([`MAX_LAYERS`] …), before any buffer is sized from
+    /// them, and the norm epsilon and RoPE base positive and finite.
+    fn check_sizes(&self) -> Result<()> {
+        for (what, value, max) in [
+            ("num_hidden_layers", self.num_layers, MAX_LAYERS),
+            ("hidden_size", self.hidden_size, MAX_WIDTH),
+            ("intermediate_size", self.intermediate_size, MAX_WIDTH),
+            ("num_attention_heads", self.num_heads, MAX_HEADS),
+            ("num_key_value_heads", self.num_kv_heads, MAX_HEADS),
+            ("head_dim", self.head_dim, 1024),
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+        ] {
+            at_most(what, value, max)?;
+        }
+        positive_finite("rms_norm_eps", self.rms_norm_eps as f64)?;
+        positive_finite("rope_theta", self.rope_theta)?;
+        Ok(())
+    }
+}
+
 /// Qwen2.5-VL vision transformer (spec §1.2 vision table, §5.1).
 #[derive(Clone, Debug, PartialEq)]
 pub struct QwenVisionConfig {
@@ -63,6 +84,43 @@ impl QwenVisionConfig {
     pub fn merge_unit(&self) -> usize {
         self.spatial_merge_size * self.spatial_merge_size
     }
+
+    /// The sizes against their limits, as [`TextConfig::check_sizes`]. Channels, temporal
+    /// patches and the merge side (3, 2 and 2 in every release) are held to 16 so the
+    /// products of patch geometry stay far from overflow.
+    fn check_sizes(&self) -> Result<()> {
+        for (what, value, max) in [
+            ("vision_config.depth", self.depth, MAX_LAYERS),
+            ("vision_config.hidden_size", self.hidden_size, MAX_WIDTH),
+            (
+                "vision_config.intermediate_size",
+                self.intermediate_size,
+                MAX_WIDTH,
+            ),
+            ("vision_config.num_heads", self.num_heads, MAX_HEADS),
+            (
+                "vision_config.out_hidden_size",
+                self.out_hidden_size,
+                MAX_WIDTH,
+            ),
+            ("vision_config.patch_size", self.patch_size, MAX_SIDE),
+            ("vision_config.window_size", self.window_size, MAX_SIDE),
+            (
+                "vision_config.temporal_patch_size",
+                self.temporal_patch_size,
+                16,
+            ),
+            (
+                "vision_config.spatial_merge_size",
+                self.spatial_merge_size,
+                16,
+            ),
+            ("vision_config.in_chans", self.in_chans, 16),
+        ] {
+            at_most(what, value, max)?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -84,6 +142,42 @@ pub struct Config {
     pub projector_type: String,
     /// Assembled prompts are truncated to this many rows (spec §6 step 3).
     pub max_prompt_rows: usize,
+}
+
+/// Upper bounds on the sizes a config.json may declare, checked before anything is sized from
+/// them. Each is far above every published Qwen2.5 / Qwen2.5-VL / SigLIP checkpoint (at most
+/// 80 layers, widths up to 29,568, 64 heads, a 152,064-token vocabulary), so only a damaged
+/// or mislabelled config meets one, and it gets an error naming the field instead of an
+/// allocation failure or hours of work.
+pub(crate) const MAX_LAYERS: usize = 1024;
+/// Hidden, intermediate and head widths.
+pub(crate) const MAX_WIDTH: usize = 1 << 17;
+pub(crate) const MAX_HEADS: usize = 1024;
+pub(crate) const MAX_VOCAB: usize = 1 << 24;
+/// Patch, tile and window sides in pixels.
+pub(crate) const MAX_SIDE: usize = 4096;
+/// `max_pixels`: 16384².
+pub(crate) const MAX_PIXELS: usize = 1 << 28;
+
+/// `value` of the field `what` if it is at most `max`, else an error naming both.
+pub(crate) fn at_most(what: &str, value: usize, max: usize) -> Result<usize> {
+    if value > max {
+        return Err(Error::Config(format!(
+            "field {what} is {value}, more than the {max} dvl accepts (a damaged or mislabelled config.json?)"
+        )));
+    }
+    Ok(value)
+}
+
+/// A float field that must be finite and positive (norm epsilons, RoPE bases): a zero,
+/// negative or infinite one would fill every hidden state with NaN.
+pub(crate) fn positive_finite(what: &str, value: f64) -> Result<f64> {
+    if !(value.is_finite() && value > 0.0) {
+        return Err(Error::Config(format!(
+            "field {what} must be a positive finite number, found {value}"
+        )));
+    }
+    Ok(value)
 }
 
 fn field<'v>(root: &'v Value, key: &str) -> Option<&'v Value> {
@@ -193,6 +287,7 @@ impl Config {
                 None => 32768,
             },
         };
+        text.check_sizes()?;
         if text.vocab_size <= crate::MASK_ID as usize {
             return Err(Error::Config(format!(
                 "vocab_size {} has no row for the MASK id {} (spec §14 item 1)",
@@ -206,6 +301,11 @@ impl Config {
                 "bd3lm_block_size must be at least 1".to_string(),
             ));
         }
+        at_most(
+            "bd3lm_block_size",
+            block_size,
+            crate::decoder::MAX_BLOCK_SIZE,
+        )?;
         let max_prompt_rows = opt_usize(&root, "tokenizer_model_max_length", 8192)?;
         if model_type == SIGLIP_MODEL_TYPE {
             let projector_type = root
@@ -270,6 +370,7 @@ impl Config {
                 None => 3,
             },
         };
+        vision.check_sizes()?;
         if vision.num_heads == 0
             || !vision.hidden_size.is_multiple_of(vision.num_heads)
             || !vision.head_dim().is_multiple_of(4)
@@ -288,10 +389,11 @@ impl Config {
         let unit = vision.patch_size * vision.spatial_merge_size;
         if vision.patch_size == 0
             || vision.spatial_merge_size == 0
+            || vision.window_size == 0
             || !vision.window_size.is_multiple_of(unit)
         {
             return Err(Error::Config(format!(
-                "vision window_size {} must be a multiple of patch_size × spatial_merge_size = {unit}",
+                "vision window_size {} must be a positive multiple of patch_size × spatial_merge_size = {unit}",
                 vision.window_size
             )));
         }
@@ -307,7 +409,11 @@ impl Config {
             )));
         }
         let min_pixels = opt_usize(&root, "min_pixels", 147_456)?;
-        let max_pixels = opt_usize(&root, "max_pixels", 262_144)?;
+        let max_pixels = at_most(
+            "max_pixels",
+            opt_usize(&root, "max_pixels", 262_144)?,
+            MAX_PIXELS,
+        )?;
         if min_pixels > max_pixels {
             return Err(Error::Config(format!(
                 "min_pixels {min_pixels} > max_pixels {max_pixels}"
@@ -374,6 +480,49 @@ mod tests {
             .to_string()
             .contains("mlp2x_gelu"));
         assert!(Config::from_json(MIN.as_bytes()).unwrap().siglip.is_none());
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_before_anything_is_sized_from_them() {
+        // Each field one past its limit (or zero / not finite where that breaks the math) is
+        // an error naming the field; the limit itself and every real shape still load.
+        let at = |from: &str, to: String| {
+            let j = MIN.replace(from, &to);
+            assert_ne!(j, MIN, "{from} not in the test config");
+            Config::from_json(j.as_bytes())
+        };
+        let cases = [
+            ("\"num_hidden_layers\":3", "num_hidden_layers", MAX_LAYERS),
+            ("\"intermediate_size\":160", "intermediate_size", MAX_WIDTH),
+            ("\"vocab_size\":151936", "vocab_size", MAX_VOCAB),
+            ("\"depth\":4", "depth", MAX_LAYERS),
+            ("\"intermediate_size\":96", "intermediate_size", MAX_WIDTH),
+        ];
+        for (from, key, max) in cases {
+            let e = at(from, format!("\"{key}\":{}", max + 1))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key) && e.contains(&max.to_string()), "{e}");
+            at(from, format!("\"{key}\":{max}")).unwrap();
+        }
+        let with = |extra: &str| {
+            let j = MIN.replacen('{', &format!("{{{extra},"), 1);
+            Config::from_json(j.as_bytes()).map_err(|e| e.to_string())
+        };
+        for (extra, named) in [
+            ("\"rms_norm_eps\":-1e-6", "rms_norm_eps"),
+            ("\"rms_norm_eps\":1e300", "rms_norm_eps"),
+            ("\"rope_theta\":0", "rope_theta"),
+            ("\"bd3lm_block_size\":1025", "bd3lm_block_size"),
+            ("\"max_pixels\":268435457", "max_pixels"),
+        ] {
+            let e = with(extra).unwrap_err();
+            assert!(e.contains(named), "{extra}: {e}");
+        }
+        with("\"bd3lm_block_size\":1024").unwrap();
+        let no_window = MIN.replace("\"num_heads\":2", "\"num_heads\":2,\"window_size\":0");
+        let e = Config::from_json(no_window.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("window_size"), "{e}");
     }
 
     #[test]

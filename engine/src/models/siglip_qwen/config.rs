@@ -12,7 +12,9 @@ use alloc::vec::Vec;
 
 use serde_json::Value;
 
-use crate::config::QwenVisionConfig;
+use crate::config::{
+    at_most, positive_finite, QwenVisionConfig, MAX_HEADS, MAX_LAYERS, MAX_SIDE, MAX_WIDTH,
+};
 use crate::error::{Error, Result};
 
 /// SigLIP vision transformer geometry (spec §5.2).
@@ -109,6 +111,9 @@ fn usize_field(obj: &Value, key: &str, what: &str, default: usize) -> Result<usi
     }
 }
 
+/// Most tiles one pinpoint may hold (so also the longest side of a pinpoint grid).
+const MAX_PINPOINT_TILES: usize = 1024;
+
 /// The 36 pinpoints `[i·s, j·s]`, i, j ∈ 1..=6, i-major (spec §1.2, §4.2 step 1).
 pub fn default_pinpoints(tile: usize) -> Vec<(usize, usize)> {
     let mut v = Vec::with_capacity(36);
@@ -143,6 +148,13 @@ fn pinpoints_from_str(s: &str, tile: usize) -> Result<Vec<(usize, usize)>> {
             "image_grid_pinpoints {s:?} names no (AxB) pair"
         )));
     };
+    // No grid side can exceed the 1024 tiles a pinpoint may hold (checked by the caller);
+    // refusing larger ones here keeps the expansion below small.
+    if a1 > MAX_PINPOINT_TILES || b1 > MAX_PINPOINT_TILES {
+        return Err(Error::Config(format!(
+            "image_grid_pinpoints {s:?}: a side of more than {MAX_PINPOINT_TILES} tiles"
+        )));
+    }
     let mut v = Vec::new();
     for i in a0..=a1 {
         for j in b0..=b1 {
@@ -213,6 +225,17 @@ impl SiglipQwenConfig {
             }
         };
         let v = &vision;
+        for (what, value, max) in [
+            ("num_hidden_layers", v.num_hidden_layers, MAX_LAYERS),
+            ("hidden_size", v.hidden_size, MAX_WIDTH),
+            ("intermediate_size", v.intermediate_size, MAX_WIDTH),
+            ("num_attention_heads", v.num_heads, MAX_HEADS),
+            ("patch_size", v.patch_size, MAX_SIDE),
+            ("image_size", v.image_size, MAX_SIDE),
+        ] {
+            at_most(&format!("vision_config.{what}"), value, max)?;
+        }
+        positive_finite("vision_config.layer_norm_eps", v.layer_norm_eps as f64)?;
         if v.num_heads == 0 || v.hidden_size == 0 || v.hidden_size % v.num_heads != 0 {
             return Err(Error::Config(format!(
                 "vision hidden_size {} is not a positive multiple of num_attention_heads {}",
@@ -300,11 +323,15 @@ impl SiglipQwenConfig {
         };
         if pinpoints.is_empty()
             || pinpoints.iter().any(|&(w, h)| {
-                w == 0 || h == 0 || w % tile != 0 || h % tile != 0 || w / tile * (h / tile) > 1024
+                w == 0
+                    || h == 0
+                    || w % tile != 0
+                    || h % tile != 0
+                    || (w / tile).saturating_mul(h / tile) > MAX_PINPOINT_TILES
             })
         {
             return Err(Error::Config(format!(
-                "image_grid_pinpoints must be non-empty positive multiples of the tile size {tile} (at most 1024 tiles)"
+                "image_grid_pinpoints must be non-empty positive multiples of the tile size {tile} (at most {MAX_PINPOINT_TILES} tiles)"
             )));
         }
         Ok(SiglipQwenConfig {
@@ -381,6 +408,27 @@ mod tests {
             (
                 serde_json::json!({"vision_config": {"hidden_size": 30, "num_attention_heads": 4}}),
                 "num_attention_heads",
+            ),
+            // Absurd sizes are refused before a tile or a pinpoint list is sized from them.
+            (
+                serde_json::json!({"vision_config": {"image_size": 1u64 << 40}}),
+                "vision_config.image_size",
+            ),
+            (
+                serde_json::json!({"vision_config": {"num_hidden_layers": 1u64 << 40}}),
+                "vision_config.num_hidden_layers",
+            ),
+            (
+                serde_json::json!({"vision_config": {"layer_norm_eps": 0.0}}),
+                "layer_norm_eps",
+            ),
+            (
+                serde_json::json!({"image_grid_pinpoints": "(1x1),...,(100000000x100000000)"}),
+                "image_grid_pinpoints",
+            ),
+            (
+                serde_json::json!({"image_grid_pinpoints": [[384u64 << 40, 384u64 << 40]]}),
+                "image_grid_pinpoints",
             ),
         ] {
             let e = SiglipQwenConfig::from_json(&j).unwrap_err().to_string();
