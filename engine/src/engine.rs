@@ -97,15 +97,22 @@ pub struct PanelCost {
     pub pack_ms: Option<f64>,
     /// The panels were mapped from the panel cache ([`LoadOptions::panel_cache`]).
     pub from_cache: bool,
+    /// This load repacked them into a new panel cache entry, which was then written in
+    /// full: they are that file's pages, not an anonymous copy.
+    pub written_to_cache: bool,
 }
 
 impl std::fmt::Display for PanelCost {
     /// "6.17 GB copy, packed in 14.9 s" ("in 34 ms" under a second; no time where it is
-    /// unknown), or "6.17 GB mapped from the panel cache in 3 ms".
+    /// unknown), "6.17 GB packed into a new panel cache entry in 14.9 s" or "6.17 GB mapped
+    /// from the panel cache in 3 ms".
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let gb = self.bytes as f64 / 1e9;
         let verb = if self.from_cache {
             write!(f, "{gb:.2} GB mapped from the panel cache")?;
+            ""
+        } else if self.written_to_cache {
+            write!(f, "{gb:.2} GB packed into a new panel cache entry")?;
             ""
         } else {
             write!(f, "{gb:.2} GB copy")?;
@@ -142,6 +149,8 @@ pub struct Engine {
     pack_ms: Option<f64>,
     /// The panels were mapped from the panel cache.
     panels_from_cache: bool,
+    /// The panels were packed into a new panel cache entry, written in full.
+    panels_written_to_cache: bool,
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> Error {
@@ -198,6 +207,8 @@ struct PanelsMade {
     /// Milliseconds: repacking, or mapping and checking the cache entry.
     ms: f64,
     from_cache: bool,
+    /// Packed into a new cache entry that was then written in full.
+    written_to_cache: bool,
 }
 
 /// Repack the text decoder's bf16 weights into panels ([`dvl_kernels::packed`]) where
@@ -255,6 +266,7 @@ fn pack_if_worthwhile(
         bytes: model.packed_bytes() as u64,
         pack_ms: Some(ms),
         from_cache: false,
+        written_to_cache: false,
     };
     log::log!(
         notice_level(cost.bytes),
@@ -263,6 +275,7 @@ fn pack_if_worthwhile(
     Some(PanelsMade {
         ms,
         from_cache: false,
+        written_to_cache: false,
     })
 }
 
@@ -295,10 +308,12 @@ fn pack_into_cache(
         bytes as f64 / 1e9,
         ms / 1e3
     );
+    let mut written = false;
     if let Some(writer) = writer.into_inner().unwrap_or_else(|e| e.into_inner()) {
         let start = std::time::Instant::now();
         match writer.finish() {
             Ok((bytes, stale)) => {
+                written = true;
                 log::log!(
                     notice_level(bytes),
                     "panel cache written: {} ({:.2} GB, synced in {:.1} s)",
@@ -316,6 +331,7 @@ fn pack_into_cache(
     PanelsMade {
         ms,
         from_cache: false,
+        written_to_cache: written,
     }
 }
 
@@ -373,6 +389,7 @@ fn map_cached_panels(model: &mut Model<'static>, cache: &PanelCache) -> Option<P
         bytes: model.packed_bytes() as u64,
         pack_ms: Some(ms),
         from_cache: true,
+        written_to_cache: false,
     };
     log::log!(
         notice_level(cost.bytes),
@@ -382,6 +399,7 @@ fn map_cached_panels(model: &mut Model<'static>, cache: &PanelCache) -> Option<P
     Some(PanelsMade {
         ms,
         from_cache: true,
+        written_to_cache: false,
     })
 }
 
@@ -562,6 +580,7 @@ impl Engine {
             decode_limits: DecodeLimits::default(),
             pack_ms: made.map(|m| m.ms),
             panels_from_cache: made.is_some_and(|m| m.from_cache),
+            panels_written_to_cache: made.is_some_and(|m| m.written_to_cache),
         })
     }
 
@@ -595,6 +614,7 @@ impl Engine {
             decode_limits: DecodeLimits::default(),
             pack_ms: made.map(|m| m.ms),
             panels_from_cache: false,
+            panels_written_to_cache: false,
         })
     }
 
@@ -607,6 +627,7 @@ impl Engine {
             self.model.unpack_weights();
             self.pack_ms = None;
             self.panels_from_cache = false;
+            self.panels_written_to_cache = false;
         } else if !self.model.is_packed() {
             self.pack_ms = Some(pack_timed(&mut self.model, &pack_on_threads));
         }
@@ -619,6 +640,7 @@ impl Engine {
             bytes: self.model.packed_bytes() as u64,
             pack_ms: self.pack_ms,
             from_cache: self.panels_from_cache,
+            written_to_cache: self.panels_written_to_cache,
         })
     }
 
@@ -796,6 +818,7 @@ mod tests {
                 bytes,
                 pack_ms,
                 from_cache: false,
+                written_to_cache: false,
             }
             .to_string()
         };
@@ -812,10 +835,21 @@ mod tests {
             bytes: 6_171_394_048,
             pack_ms: Some(3.4),
             from_cache: true,
+            written_to_cache: false,
         };
         assert_eq!(
             mapped.to_string(),
             "6.17 GB mapped from the panel cache in 3 ms"
+        );
+        let written = PanelCost {
+            bytes: 6_171_394_048,
+            pack_ms: Some(14_945.4),
+            from_cache: false,
+            written_to_cache: true,
+        };
+        assert_eq!(
+            written.to_string(),
+            "6.17 GB packed into a new panel cache entry in 14.9 s"
         );
     }
 

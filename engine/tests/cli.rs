@@ -134,10 +134,13 @@ fn panel_cache_option_and_variable_write_then_map_the_panels() {
     let panels = ["--weights", "panels"];
     let plain = generate_json("8", &panels);
     assert_eq!(plain["panels_from_cache"], false);
+    assert_eq!(plain["panels_written_to_cache"], false);
     let first = generate_json("8", &[&panels[..], &["--panel-cache", d]].concat());
     assert_eq!(first["panels_from_cache"], false, "{first}");
+    assert_eq!(first["panels_written_to_cache"], true, "{first}");
     let second = generate_json("8", &[&panels[..], &["--panel-cache", d]].concat());
     assert_eq!(second["panels_from_cache"], true, "{second}");
+    assert_eq!(second["panels_written_to_cache"], false, "{second}");
     // The variable does the same for every entry point.
     let by_env = generate_json_env(&[("DVL_PANEL_CACHE", d)], "8", &panels);
     assert_eq!(by_env["panels_from_cache"], true, "{by_env}");

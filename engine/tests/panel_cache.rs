@@ -117,7 +117,8 @@ fn the_first_load_writes_the_entry_and_the_next_maps_the_same_panels() {
 
     let first = open(&model, WeightLayout::Panels, &cache);
     let cost = first.panel_cost().unwrap();
-    assert!(!cost.from_cache);
+    assert!(!cost.from_cache && cost.written_to_cache, "{cost:?}");
+    assert!(cost.to_string().contains("new panel cache entry"), "{cost}");
     let files = entries(&cache);
     assert_eq!(files.len(), 1, "{files:?}");
     let size = std::fs::metadata(&files[0]).unwrap().len();
@@ -129,7 +130,7 @@ fn the_first_load_writes_the_entry_and_the_next_maps_the_same_panels() {
 
     let second = open(&model, WeightLayout::Panels, &cache);
     let cost2 = second.panel_cost().unwrap();
-    assert!(cost2.from_cache, "{cost2:?}");
+    assert!(cost2.from_cache && !cost2.written_to_cache, "{cost2:?}");
     assert_eq!(cost2.bytes, cost.bytes);
     // Both map the file: the first packed into it, the second found it.
     assert!(second.model.packed_matrices().iter().all(|m| m.is_shared()));
@@ -309,7 +310,8 @@ fn an_unwritable_cache_is_a_warning_not_a_failure() {
     warnings();
     let e = open(&model_dir("a").unwrap(), WeightLayout::Panels, &not_a_dir);
     let cost = e.panel_cost().unwrap();
-    assert!(!cost.from_cache && cost.bytes > 0);
+    assert!(!cost.from_cache && !cost.written_to_cache && cost.bytes > 0);
+    assert!(cost.to_string().contains("copy"), "{cost}");
     let w = warnings();
     assert_eq!(w.len(), 1, "{w:?}");
     assert!(w[0].contains("not written"), "{w:?}");

@@ -339,6 +339,7 @@ fn generate(args: &Args) -> Result<(), String> {
             "panel_bytes": cost.map(|c| c.bytes),
             "pack_ms": cost.and_then(|c| c.pack_ms),
             "panels_from_cache": cost.map(|c| c.from_cache),
+            "panels_written_to_cache": cost.map(|c| c.written_to_cache),
             "timings": {
                 "preprocess_ms": g.timings.preprocess_ms, "vision_ms": g.timings.vision_ms,
                 "prefill_ms": g.timings.prefill_ms, "decode_ms": g.timings.decode_ms,
@@ -424,6 +425,7 @@ fn bench(args: &Args) -> Result<(), String> {
             "panel_bytes": cost.map(|c| c.bytes),
             "pack_ms": cost.and_then(|c| c.pack_ms),
             "panels_from_cache": cost.map(|c| c.from_cache),
+            "panels_written_to_cache": cost.map(|c| c.written_to_cache),
             "prefix": cfg.prefix, "block": cfg.block,
             "vision_ms": r.vision_ms, "prefill_ms": r.prefill_ms, "step_ms": r.step_ms, "commit_ms": r.commit_ms,
             "lm_weight_bytes": r.lm_weight_bytes, "read_gbps": r.read_gbps, "roofline_step_ms": r.roofline_step_ms,
