@@ -281,25 +281,41 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage> {
     to_rgb(img, png.as_ref())
 }
 
-/// Decode a YCbCr, RGB or grayscale JPEG with libjpeg-turbo's code (the `mozjpeg` crate):
-/// the same IDCT (islow), fancy upsampling and colour conversion as PIL, so the pixels are
-/// bit-identical to the reference processor's. `None` for colour spaces libjpeg cannot turn
-/// into RGB (CMYK, YCCK), which then go through the `image` crate. Dimensions were checked
-/// against the limits before this is called.
+/// Decode a JPEG with libjpeg-turbo's code (the `mozjpeg` crate): the same IDCT (islow),
+/// fancy upsampling and colour conversion as PIL, so the pixels are bit-identical to the
+/// reference processor's. YCbCr, RGB and grayscale come out as RGB; four-channel JPEGs
+/// (CMYK, YCCK) come out as CMYK and are converted as PIL does ([`pil_cmyk_to_rgb`]).
+/// `None` for other colour spaces, which then go through the `image` crate. Dimensions were
+/// checked against the limits before this is called.
 #[cfg(feature = "exact-jpeg")]
 fn decode_jpeg_libjpeg(bytes: &[u8]) -> Result<Option<RgbImage>> {
     use mozjpeg::ColorSpace;
     // libjpeg errors unwind out of its error handler (resume_unwind: no panic hook runs).
     let run = std::panic::catch_unwind(|| -> std::io::Result<Option<(usize, usize, Vec<u8>)>> {
         let d = mozjpeg::Decompress::new_mem(bytes)?;
-        match d.color_space() {
-            ColorSpace::JCS_YCbCr | ColorSpace::JCS_RGB | ColorSpace::JCS_GRAYSCALE => {}
+        let cmyk = match d.color_space() {
+            ColorSpace::JCS_YCbCr | ColorSpace::JCS_RGB | ColorSpace::JCS_GRAYSCALE => false,
+            ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK => true,
             _ => return Ok(None),
-        }
-        let mut started = d.rgb()?;
+        };
+        let mut started = if cmyk {
+            d.to_colorspace(ColorSpace::JCS_CMYK)?
+        } else {
+            d.rgb()?
+        };
         let (w, h) = (started.width(), started.height());
         let data: Vec<u8> = started.read_scanlines::<u8>()?;
         started.finish()?;
+        if cmyk {
+            if data.len() != w * h * 4 {
+                return Ok(Some((w, h, Vec::new()))); // reported as a short image below
+            }
+            let rgb = data
+                .chunks_exact(4)
+                .flat_map(|p| pil_cmyk_to_rgb([p[0], p[1], p[2], p[3]]))
+                .collect();
+            return Ok(Some((w, h, rgb)));
+        }
         Ok(Some((w, h, data)))
     });
     match run {
@@ -322,6 +338,23 @@ fn decode_jpeg_libjpeg(bytes: &[u8]) -> Result<Option<RgbImage>> {
             Err(img_err(format!("cannot decode JPEG image: {msg}")))
         }
     }
+}
+
+/// One pixel of a four-channel JPEG as libjpeg decodes it (`JCS_CMYK`) to RGB, as PIL
+/// does: PIL reads every such JPEG as Adobe's inverted CMYK (raw mode `CMYK;I`: each byte
+/// is 255 − value) and converts CMYK to RGB as `nk − c·nk/255` with `nk = 255 − k`
+/// (`libImaging/Convert.c`, `cmyk2rgb`, its rounded division by 255). Checked against PIL's
+/// `convert("RGB")` on every test value.
+#[cfg(any(feature = "exact-jpeg", test))]
+pub(super) fn pil_cmyk_to_rgb(raw: [u8; 4]) -> [u8; 3] {
+    let [c, m, y, k] = raw.map(|v| 255 - v as u32);
+    let nk = 255 - k;
+    let channel = |v: u32| {
+        let t = v * nk + 128;
+        // nk − round(v·nk/255) never leaves 0..=255.
+        (nk - (((t >> 8) + t) >> 8)) as u8
+    };
+    [channel(c), channel(m), channel(y)]
 }
 
 /// Decode a JPEG or PNG file. I/O failures give `Error::Io`; decoding failures give

@@ -861,6 +861,78 @@ mod with_std {
     ];
     const PROGRESSIVE_PIL_ROW0: [[u8; 3]; 4] = [[0, 2, 0], [4, 3, 1], [13, 4, 7], [24, 5, 11]];
 
+    /// A 12x8 CMYK JPEG of random values written by PIL (`Image.frombytes("CMYK", ...)
+    /// .save(..., quality=92)`, with the Adobe marker), and transformers'
+    /// `convert_to_rgb(Image.open(...))` of it.
+    const CMYK_JPEG: [&str; 18] = [
+        "ffd8ffee000e41646f626500640000000000ffdb004300030202020202030202020303030304060404040404",
+        "080606050609080a0a090809090a0c0f0c0a0b0e0b09090d110d0e0f101011100a0c12131210130f101010ff",
+        "c00014080008000c044311004d11005911004b1100ffc4001f00000105010101010101000000000000000001",
+        "02030405060708090a0bffc400b5100002010303020403050504040000017d01020300041105122131410613",
+        "516107227114328191a1082342b1c11552d1f02433627282090a161718191a25262728292a3435363738393a",
+        "434445464748494a535455565758595a636465666768696a737475767778797a838485868788898a92939495",
+        "969798999aa2a3a4a5a6a7a8a9aab2b3b4b5b6b7b8b9bac2c3c4c5c6c7c8c9cad2d3d4d5d6d7d8d9dae1e2e3",
+        "e4e5e6e7e8e9eaf1f2f3f4f5f6f7f8f9faffda000e0443004d0059004b00003f00b1aff87bc47e1ef0e788a6",
+        "d37c1904fe4d85de97ad6a36779249a85ade2e749b49aef4eb3cc514138fb4dd48908ba767b9dd1a42f0bdc2",
+        "6a6a5f15bc3d7fab587c51f0debba247a4d8e87696ab70f6b0a5cdb24ef15b812dd96b5d56e2091e0b88d508",
+        "9267799e710a2c76770fb9e27f15fc35d03c27addc1d5ed352d26eb43f0ee9274a6f105d436fa57da257b355",
+        "b3964b379625b7b7b5bb951d83288fcd6f262fb4482e732c3c29e1cd07c5ba5e85e18d5fc29717f6ba65929f",
+        "b7598d3e7d22f7498614649a38a1b996d924b2b9b9b85bbb98d3cb9e196695b7245145c9fc49f177c2cd6bc4",
+        "ad0ea9a0f80b53d474e88417936adaadfdc2992466b806d9ece3684c2e93a48769389649802ca158f25f123c",
+        "37f165f58b4d2ec7c53f107c2e9a558a5abe9fe04bc67b31233bccf25c3dfeab14cd76ed31690ed641940b24",
+        "d8f35f125f02dcc5adeb97faa788b488aef56d4e5d52796d63d22d44f3ce16498b5bdd69325c425256921026",
+        "28ee90a4be5c624550584fe17d4b4db26fda1f4ff15ffc25f1dac2d249aa6896d7e24b69504f1182e3fb16f9",
+        "a488098aee7b877322ca5c96259bffd9",
+    ];
+    const CMYK_JPEG_PIL_RGB: [&str; 7] = [
+        "070b021e475a212e440705094303672326182025193e9f42aea4c147351796a00705150a0c0708d9e4a7107d",
+        "05152f2587c34b010d32c4ad701e3a1d1f06295d554e5070593d158403363ca7ac8f02010260400977055072",
+        "786e30325f2971204a6d490000001f310c2d0504163a334354495f586f0100010b11575b6aa81f0c17134cd3",
+        "1207104c3c14cb218d6835b785271441a8d768c0a70520190005046b6057192301040b05191708140357704e",
+        "011866305d8c9c0372669c208d88a4770000001616fb4e5a1c8b9698030307324c410c11088608853e071f4d",
+        "0542627c64c9430e3a4b5b2728150827071036626b58257c705b01060a091113b813463a2d3b0807070e0706",
+        "412835562f168500382714071b6f6a6fb3880f524c194637",
+    ];
+
+    fn unhex(parts: &[&str]) -> Vec<u8> {
+        let hex: String = parts.concat();
+        (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn cmyk_jpeg_converts_as_pil_does() {
+        let img = decode(&unhex(&CMYK_JPEG), &DecodeLimits::default()).unwrap();
+        assert_eq!((img.width, img.height), (12, 8));
+        let want = unhex(&CMYK_JPEG_PIL_RGB);
+        // libjpeg's CMYK samples and PIL's conversion: byte-exact. (Without `exact-jpeg`
+        // the `image` crate converts CMYK its own way.)
+        #[cfg(feature = "exact-jpeg")]
+        assert_eq!(hex(&img.data), hex(&want));
+        #[cfg(not(feature = "exact-jpeg"))]
+        assert_eq!(img.data.len(), want.len());
+    }
+
+    #[test]
+    fn cmyk_to_rgb_matches_pil_spot_values() {
+        // PIL `Image.frombytes("CMYK", (1, 1), c).convert("RGB")`, c given as CMYK values;
+        // the function takes libjpeg's Adobe-inverted bytes (255 - c).
+        use crate::images::decode::pil_cmyk_to_rgb;
+        let inv = |c: [u8; 4]| c.map(|v| 255 - v);
+        for (cmyk, rgb) in [
+            ([0, 0, 0, 0], [255, 255, 255]),
+            ([255, 255, 255, 255], [0, 0, 0]),
+            ([10, 200, 128, 50], [197, 44, 102]),
+            ([255, 0, 0, 0], [0, 255, 255]),
+            ([0, 0, 0, 255], [0, 0, 0]),
+            ([77, 77, 77, 128], [89, 89, 89]),
+        ] {
+            assert_eq!(pil_cmyk_to_rgb(inv(cmyk)), rgb, "{cmyk:?}");
+        }
+    }
+
     #[test]
     fn progressive_jpeg_with_restarts() {
         let hex: String = PROGRESSIVE_JPEG.concat();
