@@ -294,8 +294,13 @@ def transfer_schedule(block: int, steps: int) -> list:
     return [base + 1 if i < rem else base for i in range(steps + 1)]
 
 
-def generate(model, prompt_ids: list, gen_length: int, steps: int):
-    """Returns (x_ids[P:P+G], forward count). Prompt given as token ids, embedded here."""
+def generate(model, prompt_ids: list, gen_length: int, steps: int, strategy: str = "static",
+             threshold: float = 0.85, closest: list = None):
+    """Returns (x_ids[P:P+G], forward count). Prompt given as token ids, embedded here.
+    `strategy`: "static" (low_confidence_static) or "dynamic" (low_confidence_dynamic with
+    `threshold`), spec §8.7. `closest`, if a list, receives the relative confidence gap of
+    every decision a rounding could flip: a top-n cut (last committed vs best left masked)
+    and, for dynamic, each masked row's distance to the threshold."""
     embed = model.model.embed_tokens
     dtype = embed.weight.dtype
     P, G, B = len(prompt_ids), gen_length, BLOCK
@@ -335,10 +340,20 @@ def generate(model, prompt_ids: list, gen_length: int, steps: int):
             forwards += 1
             x0, p = greedy(model, h)
             conf = torch.where(is_mask, p, torch.tensor(float("-inf")))
-            k = min(schedule[step], int(is_mask.sum()))
-            if k > 0:
+            above = conf > threshold  # strict; never an unmasked row (conf -inf)
+            if closest is not None and strategy == "dynamic":
+                closest += ((conf[is_mask] - threshold).abs() / threshold).tolist()
+            if strategy == "dynamic" and int(above.sum()) >= schedule[step]:
+                pick = above.nonzero()[:, 0]  # all of them, possibly more than scheduled
+            else:
                 # Highest confidence first; stable sort puts the lowest index first on ties.
-                pick = torch.sort(conf, descending=True, stable=True).indices[:k]
+                k = min(schedule[step], int(is_mask.sum()))
+                order = torch.sort(conf, descending=True, stable=True).indices
+                pick = order[:k]
+                if closest is not None and 0 < k < int(is_mask.sum()):
+                    last, left = float(conf[order[k - 1]]), float(conf[order[k]])
+                    closest.append((last - left) / last)
+            if len(pick) > 0:
                 cur_ids[pick] = x0[pick]
                 cur_emb[pick] = embed(x0[pick])
         x_ids[s0:s1] = cur_ids

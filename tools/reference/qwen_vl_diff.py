@@ -1,0 +1,292 @@
+#!/usr/bin/env python3
+"""Differential check of dvl against the reference stack on inputs the fixtures do not hold.
+
+Run by hand, not in CI (needs torch + transformers; see README.md beside this file):
+
+    python tools/reference/qwen_vl_diff.py [--model DIR] [--text 24] [--vision 12] [--modes]
+        [--seed 0] [--dvl target/release/dvl]
+
+The golden fixtures cover a few prompts and images; hidden cases use other seeds, shapes and
+images. This runs `dvl generate` on random ones and compares, for a Qwen2.5-VL-layout
+checkpoint (`diffusionvl_qwenvl`, e.g. the shipped models/tiny-dvl or the fixtures' b):
+
+* --text N: N random text-only prompts (all prompt lengths mod 8), random generation lengths
+  and steps per block, static or dynamic strategy (thresholds around the tiny models'
+  near-uniform confidences, ~1/vocabulary, and the default 0.85). Reference: the spec §8.5 decode loop of
+  benches/peer/peer.py on transformers' Qwen2ForCausalLM in float64 with an explicit
+  block-causal mask, with the deviation spec §8.11 allows and dvl makes: the MASK id is never
+  chosen (its logit still counts in the softmax). Without it the reference can commit MASK,
+  re-predict it and leave a hole in its cache (§8.12). Output ids and forward passes must be
+  equal, unless one of the reference's decisions (a top-n cut, a threshold) was within 1e-5
+  relative: below float32 resolution, reported as inconclusive.
+* --vision N: N random images of random sizes and aspect ratios (PNG). `pixel_values` must
+  equal transformers' Qwen2VLImageProcessor's exactly, and `vision_features` must be within
+  relative L2 1e-5 of Qwen2_5_VisionTransformerPretrainedModel (+ merger) in float64.
+* --modes: one image per PIL mode (L, LA, P, P with tRNS, RGBA, I;16, 1, grey / RGB / CMYK
+  JPEG): `pixel_values` exactly equal.
+
+Pillow must be <= 12.1 (later releases run the vertical bicubic pass first for tall images
+that shrink a lot; dvl follows <= 12.1, as the reference models were evaluated with).
+Exit status 1 when any comparison fails.
+"""
+
+import argparse
+import glob
+import json
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import PIL
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
+from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2VLImageProcessor
+from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    Qwen2_5_VisionTransformerPretrainedModel,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benches" / "peer"))
+import peer  # noqa: E402  (the reference decode loop and model construction)
+
+SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+# A decision this close (relative confidence gap) is below float32 resolution of the
+# softmax: the reference's own float32 and float64 runs can take either side.
+TIE = 1e-5
+WORDS = "the cat sat on a mat while two dogs ran far away into blue hills and one bird sang".split()
+
+
+def run_dvl(args, model: Path, extra: list) -> dict:
+    cmd = [str(args.dvl), "generate", "--model", str(model), "--threads", "2", *extra]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"dvl failed: {' '.join(cmd)}\n{r.stderr}")
+    return json.loads(r.stdout) if "--json" in extra else {}
+
+
+def state_dict(model: Path) -> dict:
+    tensors = {}
+    for f in sorted(glob.glob(str(model / "*.safetensors"))):
+        tensors.update(load_file(f))
+    return tensors
+
+
+# ---- text: decode ids against the reference loop ------------------------------------------
+
+
+def text_model(model: Path, tensors: dict) -> Qwen2ForCausalLM:
+    c = json.loads((model / "config.json").read_text())
+    cfg = Qwen2Config(
+        hidden_size=c["hidden_size"],
+        num_hidden_layers=c["num_hidden_layers"],
+        num_attention_heads=c["num_attention_heads"],
+        num_key_value_heads=c["num_key_value_heads"],
+        intermediate_size=c["intermediate_size"],
+        vocab_size=c["vocab_size"],
+        tie_word_embeddings=c["tie_word_embeddings"],
+        rms_norm_eps=c["rms_norm_eps"],
+        rope_theta=c["rope_theta"],
+        max_position_embeddings=c["max_position_embeddings"],
+    )
+    m = peer.build(Qwen2ForCausalLM, cfg, torch.bfloat16)
+    prefixes = ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head.")
+    text = {k: v for k, v in tensors.items() if k.startswith(prefixes)}
+    missing, unexpected = m.load_state_dict(text, strict=False)
+    if unexpected or missing not in ([], ["lm_head.weight"]):
+        raise RuntimeError(f"checkpoint mismatch: missing={missing} unexpected={unexpected}")
+    return m.to(torch.float64)
+
+
+def check_text(args, model: Path, tensors: dict, rng: random.Random) -> tuple:
+    ref_model = text_model(model, tensors)
+    tok = Tokenizer.from_file(str(model / "tokenizer.json"))
+    greedy = peer.greedy
+
+    def greedy_never_mask(m, hidden):
+        # peer.greedy with the MASK id out of the argmax but in the softmax (spec §8.11).
+        logits = m.lm_head(hidden)[0].float()
+        allowed = logits.clone()
+        allowed[:, peer.MASK_ID] = float("-inf")
+        x0 = allowed.argmax(-1)
+        conf = torch.softmax(logits, -1).gather(-1, x0[:, None])[:, 0]
+        return x0, conf
+
+    peer.greedy = greedy_never_mask
+    passed = failed = ties = 0
+    for _ in range(args.text):
+        question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 30)))
+        gen, steps = rng.choice([1, 5, 8, 13, 16, 24, 40]), rng.choice([1, 2, 3, 4, 5, 7, 8, 9])
+        strategy = rng.choice(["static", "dynamic"])
+        threshold = rng.choice([0.85, 3e-5, 1e-5, 8e-6, 7e-6])
+        prompt = (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{question}"
+                  "<|im_end|>\n<|im_start|>assistant\n")
+        ids = tok.encode(prompt, add_special_tokens=False).ids
+        got = run_dvl(args, model, ["--prompt", question, "--gen-length", str(gen),
+                                    "--steps", str(steps), "--strategy", strategy,
+                                    "--threshold", str(threshold), "--json"])
+        if got["n_prompt_ids"] != len(ids):
+            raise RuntimeError(f"prompt ids: dvl {got['n_prompt_ids']}, here {len(ids)}")
+        what = f"P={len(ids)} (mod 8: {len(ids) % 8}) G={gen} steps={steps} {strategy}"
+        if strategy == "dynamic":
+            what += f" {threshold:g}"
+        closest = []
+        with torch.inference_mode():
+            want, forwards = peer.generate(ref_model, ids, gen, steps, strategy, threshold,
+                                           closest)
+        gap = min(closest, default=1.0)
+        if want == got["ids"] and forwards == got["forward_passes"]:
+            passed += 1
+            print(f"ok    text {what}: {forwards} forwards, eos {got['stopped_at_eos']}")
+        elif gap < TIE:
+            ties += 1
+            print(f"tie   text {what}: differs, but a decision of the reference was within "
+                  f"{gap:.1e} relative (its own float32 and float64 softmax can disagree)")
+        else:
+            failed += 1
+            print(f"FAIL  text {what}: ids {got['ids']} vs {want}, forwards "
+                  f"{got['forward_passes']} vs {forwards}, closest decision {gap:.1e} "
+                  f"({question!r})")
+    peer.greedy = greedy
+    return passed, failed, ties
+
+
+# ---- vision: pixel_values and features against transformers -------------------------------
+
+
+def vision_model(model: Path, tensors: dict):
+    c = json.loads((model / "config.json").read_text())
+    vc = c["vision_config"]
+    cfg = Qwen2_5_VLVisionConfig(
+        depth=vc["depth"], hidden_size=vc["hidden_size"], num_heads=vc["num_heads"],
+        intermediate_size=vc["intermediate_size"], out_hidden_size=vc["out_hidden_size"],
+        fullatt_block_indexes=vc["fullatt_block_indexes"], window_size=vc["window_size"],
+        patch_size=vc["patch_size"], spatial_merge_size=vc["spatial_merge_size"],
+        temporal_patch_size=vc["temporal_patch_size"], in_channels=3,
+        hidden_act=vc["hidden_act"], attn_implementation="eager",
+    )
+    vis = peer.build(Qwen2_5_VisionTransformerPretrainedModel, cfg, torch.bfloat16)
+    tower, merger = "model.vision_tower.vision_tower.", "model.mm_projector.merger."
+    sd = {}
+    for k, v in tensors.items():
+        if k.startswith(tower):
+            sd[k[len(tower):]] = v
+        elif k.startswith(merger):
+            sd["merger." + k[len(merger):]] = v
+    missing, unexpected = vis.load_state_dict(sd, strict=False)
+    if unexpected or [m for m in missing if "inv_freq" not in m]:
+        raise RuntimeError(f"vision mismatch: missing={missing} unexpected={unexpected}")
+    processor = Qwen2VLImageProcessor(
+        min_pixels=c["min_pixels"], max_pixels=c["max_pixels"], patch_size=vc["patch_size"],
+        merge_size=vc["spatial_merge_size"], temporal_patch_size=vc["temporal_patch_size"],
+    )
+    return vis.to(torch.float64), processor
+
+
+def dump_of(args, model: Path, image: Path, tmp: Path) -> dict:
+    out = tmp / "dump"
+    run_dvl(args, model, ["--image", str(image), "--prompt", "hi", "--gen-length", "1",
+                          "--steps", "1", "--dump", str(out)])
+    return load_file(str(out / "dump.safetensors"))
+
+
+def check_vision(args, model: Path, tensors: dict, rng: random.Random, tmp: Path) -> tuple:
+    vis, processor = vision_model(model, tensors)
+    nrng = np.random.default_rng(rng.randrange(1 << 30))
+    passed = failed = 0
+    for i in range(args.vision):
+        aspect = rng.choice([1, 1.3, 2, 3.7, 0.4, 0.15, 6, 11])
+        w = int(rng.uniform(40, 1200))
+        h = max(28, int(w / aspect))
+        w = max(28, w)
+        # Noise over a gradient: content at every frequency, so resampling errors show.
+        yy, xx = np.mgrid[0:h, 0:w]
+        noise = nrng.integers(0, 64, (h, w, 3))
+        img = ((noise + (xx * 191 // max(w - 1, 1))[..., None] + (yy * 7)[..., None]) % 256)
+        path = tmp / f"random{i}.png"
+        Image.fromarray(img.astype(np.uint8)).save(path)
+        got = dump_of(args, model, path, tmp)
+        batch = processor(images=[Image.open(path)], return_tensors="pt")
+        pixels, grid = batch["pixel_values"].double(), batch["image_grid_thw"]
+        with torch.inference_mode():
+            want = vis(pixels, grid_thw=grid).pooler_output
+        pix_err = float((got["pixel_values"].double() - pixels).abs().max())
+        feats = got["vision_features"].double()
+        rel = float((feats - want).norm() / want.norm()) if feats.shape == want.shape else 1.0
+        ok = got["pixel_values"].shape == pixels.shape and pix_err == 0.0 and rel <= 1e-5
+        passed, failed = passed + ok, failed + (not ok)
+        print(f"{'ok   ' if ok else 'FAIL '} vision {w}x{h} grid {grid.tolist()[0]}: "
+              f"pixels max |diff| {pix_err:.1e}, features relative L2 {rel:.1e}")
+    return passed, failed, 0
+
+
+def check_modes(args, model: Path, tmp: Path) -> tuple:
+    c = json.loads((model / "config.json").read_text())
+    processor = Qwen2VLImageProcessor(min_pixels=c["min_pixels"], max_pixels=c["max_pixels"])
+    rng = np.random.default_rng(5)
+    h, w = 300, 420
+    rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    alpha = rng.integers(0, 256, (h, w), dtype=np.uint8)
+    grey16 = rgb[..., 0].astype(np.uint16) * 257 - rng.integers(0, 200, (h, w)).astype(np.uint16)
+    palette = Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE, colors=50)
+    images = {
+        "L.png": (Image.fromarray(rgb[..., 0]), {}),
+        "LA.png": (Image.fromarray(np.dstack([rgb[..., 0], alpha]), "LA"), {}),
+        "P.png": (palette, {}),
+        "P-tRNS.png": (palette, {"transparency": 3}),
+        "RGBA.png": (Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), {}),
+        "I16.png": (Image.fromarray(grey16), {}),
+        "1.png": (Image.fromarray(rgb[..., 0] > 128), {}),
+        "L.jpg": (Image.fromarray(rgb[..., 0]), {}),
+        "RGB.jpg": (Image.fromarray(rgb), {}),
+        "CMYK.jpg": (Image.fromarray(rgb).convert("CMYK"), {}),
+    }
+    passed = failed = 0
+    for name, (im, options) in images.items():
+        path = tmp / name
+        im.save(path, **options)
+        got = dump_of(args, model, path, tmp)["pixel_values"].double()
+        opened = Image.open(path)
+        want = processor(images=[opened], return_tensors="pt")["pixel_values"].double()
+        ok = got.shape == want.shape and float((got - want).abs().max()) == 0.0
+        passed, failed = passed + ok, failed + (not ok)
+        err = float((got - want).abs().max()) if got.shape == want.shape else float("nan")
+        print(f"{'ok   ' if ok else 'FAIL '} mode {name} (PIL {opened.mode}): max |diff| {err:.1e}")
+    return passed, failed, 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=REPO / "models" / "tiny-dvl")
+    ap.add_argument("--dvl", type=Path, default=REPO / "target" / "release" / "dvl")
+    ap.add_argument("--text", type=int, default=24, help="random text-only prompts")
+    ap.add_argument("--vision", type=int, default=12, help="random images")
+    ap.add_argument("--modes", action="store_true", help="one image per PIL mode")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if tuple(int(x) for x in PIL.__version__.split(".")[:2]) > (12, 1):
+        ap.error(f"Pillow {PIL.__version__}: needs <= 12.1 (see the docstring)")
+    torch.set_num_threads(2)
+    rng = random.Random(args.seed)
+    tensors = state_dict(args.model)
+    totals = []
+    with tempfile.TemporaryDirectory() as t:
+        tmp = Path(t)
+        if args.text:
+            totals.append(check_text(args, args.model, tensors, rng))
+        if args.vision:
+            totals.append(check_vision(args, args.model, tensors, rng, tmp))
+        if args.modes:
+            totals.append(check_modes(args, args.model, tmp))
+    passed, failed, ties = (sum(t[i] for t in totals) for i in range(3))
+    print(f"{passed} passed, {failed} failed, {ties} inconclusive (near-ties)")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
