@@ -524,6 +524,14 @@ impl Engine {
             .sum();
         for (i, f) in files.iter().enumerate() {
             let file = std::fs::File::open(f).map_err(|e| io_err(f, e))?;
+            // A directory (or a device) of a shard's name opens, then fails to map with a
+            // bare "No such device".
+            if !file.metadata().map_err(|e| io_err(f, e))?.is_file() {
+                return Err(Error::Io {
+                    path: f.display().to_string(),
+                    detail: "not a regular file (a weight shard must be one)".to_string(),
+                });
+            }
             log::log!(
                 notice_level(total),
                 "mapping shard {}/{} {} ({:.2} of {:.2} GB)",

@@ -237,6 +237,22 @@ fn sharded_index_must_match_shards() {
         matches!(e, Error::Index(ref m) if m.contains("ghost.weight")),
         "{e}"
     );
+    // A directory where a shard should be is named as such (mapping it said "No such
+    // device").
+    std::fs::copy(
+        b.join("model.safetensors.index.json"),
+        d.join("model.safetensors.index.json"),
+    )
+    .unwrap();
+    let shard = d.join("model-00002-of-00002.safetensors");
+    std::fs::remove_file(&shard).unwrap();
+    std::fs::create_dir(&shard).unwrap();
+    let e = open_err(&d);
+    assert!(
+        matches!(e, Error::Io { ref path, ref detail } if path.ends_with("model-00002-of-00002.safetensors") && detail.contains("not a regular file")),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]
