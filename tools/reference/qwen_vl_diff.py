@@ -24,6 +24,9 @@ checkpoint (`diffusionvl_qwenvl`, e.g. the shipped models/tiny-dvl or the fixtur
   relative L2 1e-5 of Qwen2_5_VisionTransformerPretrainedModel (+ merger) in float64.
 * --modes: one image per PIL mode (L, LA, P, P with tRNS, RGBA, I;16, 1, grey / RGB / CMYK
   JPEG): `pixel_values` exactly equal.
+* --random-shape SEED: instead of --model, a tiny random checkpoint of a shape drawn from SEED
+  (heads, GQA ratio, head dims, widths, layers, ViT depth, full-attention blocks, window size,
+  tied or separate lm_head), written in the published layout to a temporary directory.
 
 Pillow must be <= 12.1 (later releases run the vertical bicubic pass first for tall images
 that shrink a lot; dvl follows <= 12.1, as the reference models were evaluated with).
@@ -34,6 +37,7 @@ import argparse
 import glob
 import json
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,7 +47,7 @@ import numpy as np
 import PIL
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2VLImageProcessor
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
@@ -60,6 +64,74 @@ SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 # softmax: the reference's own float32 and float64 runs can take either side.
 TIE = 1e-5
 WORDS = "the cat sat on a mat while two dogs ran far away into blue hills and one bird sang".split()
+
+
+def random_checkpoint(out: Path, seed: int) -> str:
+    """A tiny checkpoint in the published layout (fixtures README §2.2) of a random shape, with
+    the fixtures' config.json, tokenizer and preprocessor config otherwise. Returns the shape."""
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, std=0.2):
+        return (torch.randn(*shape, generator=g) * std).to(torch.bfloat16)
+
+    def norm(n):
+        return (1 + torch.randn(n, generator=g) * 0.1).to(torch.bfloat16)
+
+    heads, hd = rng.choice([1, 2, 3, 4, 6]), rng.choice([8, 10, 12, 16, 18, 20])
+    kv = rng.choice([d for d in range(1, heads + 1) if heads % d == 0])
+    H, inter, layers, tied = heads * hd, rng.randint(16, 200), rng.randint(1, 3), rng.random() < 0.5
+    vheads, depth = rng.randint(1, 5), rng.randint(1, 5)
+    C, CI = vheads * rng.choice([8, 12, 16]), rng.randint(16, 160)
+    fullatt = sorted(rng.sample(range(depth), rng.randint(0, depth)))
+    window = rng.choice([56, 112, 224])
+    vocab = 151936
+    t = {"model.embed_tokens.weight": rnd(vocab, H, std=0.5), "model.norm.weight": norm(H)}
+    if not tied:
+        t["lm_head.weight"] = rnd(vocab, H, std=0.5)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"], t[p + "post_attention_layernorm.weight"] = norm(H), norm(H)
+        for name, rows in (("q", heads * hd), ("k", kv * hd), ("v", kv * hd)):
+            t[p + f"self_attn.{name}_proj.weight"] = rnd(rows, H, std=0.3)
+            t[p + f"self_attn.{name}_proj.bias"] = rnd(rows)
+        t[p + "self_attn.o_proj.weight"] = rnd(H, heads * hd)
+        t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"] = rnd(inter, H), rnd(inter, H)
+        t[p + "mlp.down_proj.weight"] = rnd(H, inter)
+    v = "model.vision_tower.vision_tower."
+    t[v + "patch_embed.proj.weight"] = rnd(C, 3, 2, 14, 14, std=0.05)
+    for b in range(depth):
+        p = f"{v}blocks.{b}."
+        t[p + "norm1.weight"], t[p + "norm2.weight"] = norm(C), norm(C)
+        t[p + "attn.qkv.weight"], t[p + "attn.qkv.bias"] = rnd(3 * C, C), rnd(3 * C)
+        t[p + "attn.proj.weight"], t[p + "attn.proj.bias"] = rnd(C, C), rnd(C)
+        for name, shape in (("gate_proj", (CI, C)), ("up_proj", (CI, C)), ("down_proj", (C, CI))):
+            t[p + f"mlp.{name}.weight"], t[p + f"mlp.{name}.bias"] = rnd(*shape), rnd(shape[0])
+    m = "model.mm_projector.merger."
+    t[m + "ln_q.weight"] = norm(C)
+    t[m + "mlp.0.weight"], t[m + "mlp.0.bias"] = rnd(4 * C, 4 * C, std=0.1), rnd(4 * C)
+    t[m + "mlp.2.weight"], t[m + "mlp.2.bias"] = rnd(H, 4 * C, std=0.1), rnd(H)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(t, str(out / "model.safetensors"), metadata={"format": "pt"})
+    base = REPO / "models" / "tiny-dvl"
+    cfg = json.loads((base / "config.json").read_text())
+    half = hd // 2
+    text = dict(hidden_size=H, intermediate_size=inter, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=tied,
+                max_window_layers=layers)
+    for d in (cfg, cfg["text_config"]):
+        d.update(text)
+        d["rope_scaling"]["mrope_section"] = [half - 2 * (half // 3), half // 3, half // 3]
+    cfg["vision_config"].update(depth=depth, hidden_size=C, intermediate_size=CI, num_heads=vheads,
+                                out_hidden_size=H, fullatt_block_indexes=fullatt,
+                                window_size=window)
+    cfg["mm_hidden_size"] = C
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    for f in ("tokenizer.json", "preprocessor_config.json"):
+        shutil.copyfile(base / f, out / f)
+    return (f"text {H} = {heads} heads x {hd} ({kv} kv), intermediate {inter}, {layers} layers, "
+            f"{'tied' if tied else 'separate'} lm_head; ViT {C} = {vheads} heads, intermediate "
+            f"{CI}, depth {depth}, full attention {fullatt}, window {window}")
 
 
 def run_dvl(args, model: Path, extra: list) -> dict:
@@ -268,15 +340,21 @@ def main() -> None:
     ap.add_argument("--vision", type=int, default=12, help="random images")
     ap.add_argument("--modes", action="store_true", help="one image per PIL mode")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--random-shape", type=int, default=None, metavar="SEED",
+                    help="check a random-shape tiny checkpoint instead of --model")
     args = ap.parse_args()
     if tuple(int(x) for x in PIL.__version__.split(".")[:2]) > (12, 1):
         ap.error(f"Pillow {PIL.__version__}: needs <= 12.1 (see the docstring)")
     torch.set_num_threads(2)
     rng = random.Random(args.seed)
-    tensors = state_dict(args.model)
     totals = []
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
+        if args.random_shape is not None:
+            args.model = tmp / "checkpoint"
+            print(f"random shape {args.random_shape}: "
+                  f"{random_checkpoint(args.model, args.random_shape)}")
+        tensors = state_dict(args.model)
         if args.text:
             totals.append(check_text(args, args.model, tensors, rng))
         if args.vision:
