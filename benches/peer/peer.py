@@ -54,8 +54,9 @@ VISION_SHAPES = {
 # ---------------------------------------------------------------------------------------------
 
 
-def text_config(shape: str) -> Qwen2Config:
-    s = TEXT_SHAPES[shape]
+def text_config(shape: str, rope_theta=1e6, rms_norm_eps=1e-6, max_positions=128000) -> Qwen2Config:
+    """A Qwen2Config of `shape`: a TEXT_SHAPES name or a dict with the same keys."""
+    s = TEXT_SHAPES[shape] if isinstance(shape, str) else shape
     return Qwen2Config(
         hidden_size=s["hidden"],
         num_hidden_layers=s["layers"],
@@ -64,9 +65,9 @@ def text_config(shape: str) -> Qwen2Config:
         intermediate_size=s["inter"],
         vocab_size=s["vocab"],
         tie_word_embeddings=s["tied"],
-        rope_theta=1e6,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=128000,
+        rope_theta=rope_theta,
+        rms_norm_eps=rms_norm_eps,
+        max_position_embeddings=max_positions,
         attn_implementation="sdpa",
     )
 
@@ -120,19 +121,26 @@ def fill_random(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> Non
             m.weight.fill_(1.0)
 
 
-def load_tiny_checkpoint(path: Path, dtype: torch.dtype) -> Qwen2ForCausalLM:
-    """The tiny checkpoint's text decoder as a Qwen2ForCausalLM (lm_head tied to embed_tokens)."""
-    model = build(Qwen2ForCausalLM, text_config("tiny"), torch.bfloat16)
-    state = load_file(str(path / "model.safetensors"))
-    text = {
-        k: v
-        for k, v in state.items()
-        if k.startswith(("model.embed_tokens.", "model.layers.", "model.norm."))
-    }
+def load_text_decoder(path: Path, dtype: torch.dtype) -> Qwen2ForCausalLM:
+    """A checkpoint directory's text decoder (its config.json, every *.safetensors shard) as
+    a Qwen2ForCausalLM, lm_head tied to embed_tokens where the config says so."""
+    c = json.loads((path / "config.json").read_text())
+    shape = dict(hidden=c["hidden_size"], layers=c["num_hidden_layers"],
+                 heads=c["num_attention_heads"], kv=c["num_key_value_heads"],
+                 inter=c["intermediate_size"], vocab=c["vocab_size"],
+                 tied=c["tie_word_embeddings"])
+    config = text_config(shape, c["rope_theta"], c["rms_norm_eps"], c["max_position_embeddings"])
+    model = build(Qwen2ForCausalLM, config, torch.bfloat16)
+    state = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        state.update(load_file(str(shard)))
+    prefixes = ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head.")
+    text = {k: v for k, v in state.items() if k.startswith(prefixes)}
     missing, unexpected = model.load_state_dict(text, strict=False)
-    if unexpected or missing != ["lm_head.weight"]:
+    if unexpected or missing != (["lm_head.weight"] if config.tie_word_embeddings else []):
         raise RuntimeError(f"checkpoint mismatch: missing={missing} unexpected={unexpected}")
-    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    if config.tie_word_embeddings:
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     return model.to(dtype)
 
 
@@ -428,7 +436,7 @@ def main() -> None:
 
         if args.generate:
             dtype = torch.bfloat16 if args.generate_dtype == "bf16" else torch.float32
-            tiny = load_tiny_checkpoint(args.checkpoint, dtype)
+            tiny = load_text_decoder(args.checkpoint, dtype)
             expected = None
             if args.prompt_ids is not None:
                 prompt = [int(x) for x in args.prompt_ids.split(",")]

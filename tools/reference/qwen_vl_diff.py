@@ -49,7 +49,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
-from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2VLImageProcessor
+from transformers import Qwen2VLImageProcessor
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VisionTransformerPretrainedModel,
@@ -152,31 +152,8 @@ def state_dict(model: Path) -> dict:
 # ---- text: decode ids against the reference loop ------------------------------------------
 
 
-def text_model(model: Path, tensors: dict) -> Qwen2ForCausalLM:
-    c = json.loads((model / "config.json").read_text())
-    cfg = Qwen2Config(
-        hidden_size=c["hidden_size"],
-        num_hidden_layers=c["num_hidden_layers"],
-        num_attention_heads=c["num_attention_heads"],
-        num_key_value_heads=c["num_key_value_heads"],
-        intermediate_size=c["intermediate_size"],
-        vocab_size=c["vocab_size"],
-        tie_word_embeddings=c["tie_word_embeddings"],
-        rms_norm_eps=c["rms_norm_eps"],
-        rope_theta=c["rope_theta"],
-        max_position_embeddings=c["max_position_embeddings"],
-    )
-    m = peer.build(Qwen2ForCausalLM, cfg, torch.bfloat16)
-    prefixes = ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head.")
-    text = {k: v for k, v in tensors.items() if k.startswith(prefixes)}
-    missing, unexpected = m.load_state_dict(text, strict=False)
-    if unexpected or missing not in ([], ["lm_head.weight"]):
-        raise RuntimeError(f"checkpoint mismatch: missing={missing} unexpected={unexpected}")
-    return m.to(torch.float64)
-
-
-def check_text(args, model: Path, tensors: dict, rng: random.Random) -> tuple:
-    ref_model = text_model(model, tensors)
+def check_text(args, model: Path, rng: random.Random) -> tuple:
+    ref_model = peer.load_text_decoder(model, torch.float64)
     tok = Tokenizer.from_file(str(model / "tokenizer.json"))
     greedy = peer.greedy
 
@@ -356,7 +333,7 @@ def main() -> None:
                   f"{random_checkpoint(args.model, args.random_shape)}")
         tensors = state_dict(args.model)
         if args.text:
-            totals.append(check_text(args, args.model, tensors, rng))
+            totals.append(check_text(args, args.model, rng))
         if args.vision:
             totals.append(check_vision(args, args.model, tensors, rng, tmp))
         if args.modes:
