@@ -39,17 +39,18 @@ impl TextConfig {
     /// The sizes against their limits ([`MAX_LAYERS`] …), before any buffer is sized from
     /// them, and the norm epsilon and RoPE base positive and finite.
     fn check_sizes(&self) -> Result<()> {
-        for (what, value, max) in [
-            ("num_hidden_layers", self.num_layers, MAX_LAYERS),
-            ("hidden_size", self.hidden_size, MAX_WIDTH),
-            ("intermediate_size", self.intermediate_size, MAX_WIDTH),
-            ("num_attention_heads", self.num_heads, MAX_HEADS),
-            ("num_key_value_heads", self.num_kv_heads, MAX_HEADS),
-            ("head_dim", self.head_dim, 1024),
-            ("vocab_size", self.vocab_size, MAX_VOCAB),
-        ] {
-            at_most(what, value, max)?;
-        }
+        all_at_most(
+            "",
+            &[
+                ("num_hidden_layers", self.num_layers, MAX_LAYERS),
+                ("hidden_size", self.hidden_size, MAX_WIDTH),
+                ("intermediate_size", self.intermediate_size, MAX_WIDTH),
+                ("num_attention_heads", self.num_heads, MAX_HEADS),
+                ("num_key_value_heads", self.num_kv_heads, MAX_HEADS),
+                ("head_dim", self.head_dim, 1024),
+                ("vocab_size", self.vocab_size, MAX_VOCAB),
+            ],
+        )?;
         positive_finite("rms_norm_eps", self.rms_norm_eps as f64)?;
         positive_finite("rope_theta", self.rope_theta)?;
         Ok(())
@@ -89,36 +90,21 @@ impl QwenVisionConfig {
     /// patches and the merge side (3, 2 and 2 in every release) are held to 16 so the
     /// products of patch geometry stay far from overflow.
     fn check_sizes(&self) -> Result<()> {
-        for (what, value, max) in [
-            ("vision_config.depth", self.depth, MAX_LAYERS),
-            ("vision_config.hidden_size", self.hidden_size, MAX_WIDTH),
-            (
-                "vision_config.intermediate_size",
-                self.intermediate_size,
-                MAX_WIDTH,
-            ),
-            ("vision_config.num_heads", self.num_heads, MAX_HEADS),
-            (
-                "vision_config.out_hidden_size",
-                self.out_hidden_size,
-                MAX_WIDTH,
-            ),
-            ("vision_config.patch_size", self.patch_size, MAX_SIDE),
-            ("vision_config.window_size", self.window_size, MAX_SIDE),
-            (
-                "vision_config.temporal_patch_size",
-                self.temporal_patch_size,
-                16,
-            ),
-            (
-                "vision_config.spatial_merge_size",
-                self.spatial_merge_size,
-                16,
-            ),
-            ("vision_config.in_chans", self.in_chans, 16),
-        ] {
-            at_most(what, value, max)?;
-        }
+        all_at_most(
+            "vision_config.",
+            &[
+                ("depth", self.depth, MAX_LAYERS),
+                ("hidden_size", self.hidden_size, MAX_WIDTH),
+                ("intermediate_size", self.intermediate_size, MAX_WIDTH),
+                ("num_heads", self.num_heads, MAX_HEADS),
+                ("out_hidden_size", self.out_hidden_size, MAX_WIDTH),
+                ("patch_size", self.patch_size, MAX_SIDE),
+                ("window_size", self.window_size, MAX_SIDE),
+                ("temporal_patch_size", self.temporal_patch_size, 16),
+                ("spatial_merge_size", self.spatial_merge_size, 16),
+                ("in_chans", self.in_chans, 16),
+            ],
+        )?;
         Ok(())
     }
 }
@@ -167,6 +153,14 @@ pub(crate) fn at_most(what: &str, value: usize, max: usize) -> Result<usize> {
         )));
     }
     Ok(value)
+}
+
+/// Each `(field, value, max)` of `table` through [`at_most`], the field names after `prefix`.
+pub(crate) fn all_at_most(prefix: &str, table: &[(&str, usize, usize)]) -> Result<()> {
+    for &(what, value, max) in table {
+        at_most(&format!("{prefix}{what}"), value, max)?;
+    }
+    Ok(())
 }
 
 /// A float field that must be finite and positive (norm epsilons, RoPE bases): a zero,

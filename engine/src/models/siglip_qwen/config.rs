@@ -13,7 +13,7 @@ use alloc::vec::Vec;
 use serde_json::Value;
 
 use crate::config::{
-    at_most, positive_finite, QwenVisionConfig, MAX_HEADS, MAX_LAYERS, MAX_SIDE, MAX_WIDTH,
+    all_at_most, positive_finite, QwenVisionConfig, MAX_HEADS, MAX_LAYERS, MAX_SIDE, MAX_WIDTH,
 };
 use crate::error::{Error, Result};
 
@@ -225,16 +225,17 @@ impl SiglipQwenConfig {
             }
         };
         let v = &vision;
-        for (what, value, max) in [
-            ("num_hidden_layers", v.num_hidden_layers, MAX_LAYERS),
-            ("hidden_size", v.hidden_size, MAX_WIDTH),
-            ("intermediate_size", v.intermediate_size, MAX_WIDTH),
-            ("num_attention_heads", v.num_heads, MAX_HEADS),
-            ("patch_size", v.patch_size, MAX_SIDE),
-            ("image_size", v.image_size, MAX_SIDE),
-        ] {
-            at_most(&format!("vision_config.{what}"), value, max)?;
-        }
+        all_at_most(
+            "vision_config.",
+            &[
+                ("num_hidden_layers", v.num_hidden_layers, MAX_LAYERS),
+                ("hidden_size", v.hidden_size, MAX_WIDTH),
+                ("intermediate_size", v.intermediate_size, MAX_WIDTH),
+                ("num_attention_heads", v.num_heads, MAX_HEADS),
+                ("patch_size", v.patch_size, MAX_SIDE),
+                ("image_size", v.image_size, MAX_SIDE),
+            ],
+        )?;
         positive_finite("vision_config.layer_norm_eps", v.layer_norm_eps as f64)?;
         if v.num_heads == 0 || v.hidden_size == 0 || v.hidden_size % v.num_heads != 0 {
             return Err(Error::Config(format!(
