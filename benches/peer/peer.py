@@ -303,8 +303,10 @@ def transfer_schedule(block: int, steps: int) -> list:
 
 
 def generate(model, prompt_ids: list, gen_length: int, steps: int, strategy: str = "static",
-             threshold: float = 0.85, closest: list = None):
-    """Returns (x_ids[P:P+G], forward count). Prompt given as token ids, embedded here.
+             threshold: float = 0.85, closest: list = None, prompt_rows=None):
+    """Returns (x_ids[P:P+G], forward count). Prompt given as token ids, embedded here, or
+    as `prompt_rows` ([P, hidden], e.g. with image features in place; `prompt_ids` then only
+    needs P entries).
     `strategy`: "static" (low_confidence_static) or "dynamic" (low_confidence_dynamic with
     `threshold`), spec §8.7. `closest`, if a list, receives the relative confidence gap of
     every decision a rounding could flip: a top-n cut (last committed vs best left masked)
@@ -319,7 +321,11 @@ def generate(model, prompt_ids: list, gen_length: int, steps: int, strategy: str
     prefill_blocks = P // B
     lpf = prefill_blocks * B
     mask_emb = embed(torch.tensor([MASK_ID]))[0]
-    prompt_emb = embed(torch.tensor(prompt_ids))[None]
+    if prompt_rows is None:
+        prompt_emb = embed(torch.tensor(prompt_ids))[None]
+    else:
+        prompt_emb = prompt_rows.to(dtype)[None]
+        assert len(prompt_ids) == prompt_emb.shape[1], "one id per prompt row"
     x_ids = torch.full((total,), MASK_ID)
     x_ids[:P] = torch.tensor(prompt_ids)
     schedule = transfer_schedule(B, steps)
