@@ -102,6 +102,28 @@ pub struct PanelCost {
     pub written_to_cache: bool,
 }
 
+/// Where a load's panels live: one of three, where `PanelCost` spells it as two flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PanelsIn {
+    /// An anonymous copy (repacked at load or by `set_packed`).
+    Memory,
+    /// Repacked into a new panel cache entry, written in full.
+    NewCacheEntry,
+    /// Mapped from an existing panel cache entry.
+    Cache,
+}
+
+impl PanelCost {
+    fn of(bytes: usize, pack_ms: Option<f64>, panels_in: PanelsIn) -> PanelCost {
+        PanelCost {
+            bytes: bytes as u64,
+            pack_ms,
+            from_cache: panels_in == PanelsIn::Cache,
+            written_to_cache: panels_in == PanelsIn::NewCacheEntry,
+        }
+    }
+}
+
 impl std::fmt::Display for PanelCost {
     /// "6.17 GB copy, packed in 14.9 s" ("in 34 ms" under a second; no time where it is
     /// unknown), "6.17 GB packed into a new panel cache entry in 14.9 s" or "6.17 GB mapped
@@ -147,10 +169,8 @@ pub struct Engine {
     pub decode_limits: DecodeLimits,
     /// Milliseconds the last repacking into panels took, at load or in `set_packed`.
     pack_ms: Option<f64>,
-    /// The panels were mapped from the panel cache.
-    panels_from_cache: bool,
-    /// The panels were packed into a new panel cache entry, written in full.
-    panels_written_to_cache: bool,
+    /// Where the panels are (meaningful while the model is packed).
+    panels_in: PanelsIn,
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> Error {
@@ -206,9 +226,7 @@ fn shard_files(dir: &Path) -> Result<(Vec<PathBuf>, Vec<String>)> {
 struct PanelsMade {
     /// Milliseconds: repacking, or mapping and checking the cache entry.
     ms: f64,
-    from_cache: bool,
-    /// Packed into a new cache entry that was then written in full.
-    written_to_cache: bool,
+    panels_in: PanelsIn,
 }
 
 /// Repack the text decoder's bf16 weights into panels ([`dvl_kernels::packed`]) where
@@ -262,20 +280,14 @@ fn pack_if_worthwhile(
         return None;
     }
     let ms = pack_timed(model, &pack_on_threads);
-    let cost = PanelCost {
-        bytes: model.packed_bytes() as u64,
-        pack_ms: Some(ms),
-        from_cache: false,
-        written_to_cache: false,
-    };
+    let cost = PanelCost::of(model.packed_bytes(), Some(ms), PanelsIn::Memory);
     log::log!(
         notice_level(cost.bytes),
         "text decoder weights repacked into panels ({cost})"
     );
     Some(PanelsMade {
         ms,
-        from_cache: false,
-        written_to_cache: false,
+        panels_in: PanelsIn::Memory,
     })
 }
 
@@ -330,8 +342,11 @@ fn pack_into_cache(
     }
     PanelsMade {
         ms,
-        from_cache: false,
-        written_to_cache: written,
+        panels_in: if written {
+            PanelsIn::NewCacheEntry
+        } else {
+            PanelsIn::Memory
+        },
     }
 }
 
@@ -385,12 +400,7 @@ fn map_cached_panels(model: &mut Model<'static>, cache: &PanelCache) -> Option<P
         return None;
     }
     let ms = start.elapsed().as_secs_f64() * 1e3;
-    let cost = PanelCost {
-        bytes: model.packed_bytes() as u64,
-        pack_ms: Some(ms),
-        from_cache: true,
-        written_to_cache: false,
-    };
+    let cost = PanelCost::of(model.packed_bytes(), Some(ms), PanelsIn::Cache);
     log::log!(
         notice_level(cost.bytes),
         "text decoder weights in panels: {cost} ({})",
@@ -398,8 +408,7 @@ fn map_cached_panels(model: &mut Model<'static>, cache: &PanelCache) -> Option<P
     );
     Some(PanelsMade {
         ms,
-        from_cache: true,
-        written_to_cache: false,
+        panels_in: PanelsIn::Cache,
     })
 }
 
@@ -587,8 +596,7 @@ impl Engine {
             dir: Some(dir.to_path_buf()),
             decode_limits: DecodeLimits::default(),
             pack_ms: made.map(|m| m.ms),
-            panels_from_cache: made.is_some_and(|m| m.from_cache),
-            panels_written_to_cache: made.is_some_and(|m| m.written_to_cache),
+            panels_in: made.map_or(PanelsIn::Memory, |m| m.panels_in),
         })
     }
 
@@ -621,8 +629,7 @@ impl Engine {
             dir: None,
             decode_limits: DecodeLimits::default(),
             pack_ms: made.map(|m| m.ms),
-            panels_from_cache: false,
-            panels_written_to_cache: false,
+            panels_in: PanelsIn::Memory,
         })
     }
 
@@ -634,8 +641,7 @@ impl Engine {
         if !packed {
             self.model.unpack_weights();
             self.pack_ms = None;
-            self.panels_from_cache = false;
-            self.panels_written_to_cache = false;
+            self.panels_in = PanelsIn::Memory;
         } else if !self.model.is_packed() {
             self.pack_ms = Some(pack_timed(&mut self.model, &pack_on_threads));
         }
@@ -644,12 +650,9 @@ impl Engine {
     /// What the panel copy costs, where the weights are in panels: its bytes (memory on top
     /// of the mapped checkpoint) and the milliseconds the repacking took.
     pub fn panel_cost(&self) -> Option<PanelCost> {
-        self.model.is_packed().then(|| PanelCost {
-            bytes: self.model.packed_bytes() as u64,
-            pack_ms: self.pack_ms,
-            from_cache: self.panels_from_cache,
-            written_to_cache: self.panels_written_to_cache,
-        })
+        self.model
+            .is_packed()
+            .then(|| PanelCost::of(self.model.packed_bytes(), self.pack_ms, self.panels_in))
     }
 
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
