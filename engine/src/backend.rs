@@ -1143,6 +1143,20 @@ impl CpuBackend {
 }
 
 /// `portable`, `avx2` or `avx512`.
+/// The ISA a backend made now runs: the best this CPU supports, lowered by `DVL_ISA` where
+/// that names one the CPU supports (the backend warns about any other value). The weight
+/// layout is chosen for it too (`Engine::open`: panels where it is AVX2).
+pub fn default_isa() -> Isa {
+    let best = dvl_kernels::cpu::detect_isa();
+    #[cfg(feature = "std")]
+    if let Some(isa) = std::env::var("DVL_ISA").ok().as_deref().and_then(parse_isa) {
+        if dvl_kernels::cpu::supported_isas().contains(&isa) {
+            return isa;
+        }
+    }
+    best
+}
+
 pub fn parse_isa(name: &str) -> Option<Isa> {
     match name {
         "portable" => Some(Isa::Portable),

@@ -74,8 +74,9 @@ pub struct Generation {
 /// How a load lays out the text decoder's bf16 weights ([`Engine::open_with_layout`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum WeightLayout {
-    /// Panels where AVX2 is the CPU's best ISA and the copy fits in available memory, else
-    /// as stored; the environment variable `DVL_PACK=0` / `DVL_PACK=1` overrides.
+    /// Panels where the kernels are AVX2's (the CPU's best ISA, or `DVL_ISA=avx2`) and the
+    /// copy fits in available memory, else as stored; the environment variable
+    /// `DVL_PACK=0` / `DVL_PACK=1` overrides.
     #[default]
     Auto,
     /// Repacked into panels whatever the CPU and memory (a copy of those weights).
@@ -159,6 +160,10 @@ pub struct LoadOptions {
     /// again on disk). `None`: the environment variable `DVL_PANEL_CACHE`, if set and not
     /// empty, else no cache.
     pub panel_cache: Option<PathBuf>,
+    /// The kernel ISA the engine will run with, which [`WeightLayout::Auto`] chooses the
+    /// layout for (panels for AVX2). `None`: [`crate::backend::default_isa`], what a
+    /// backend made without `with_isa` runs.
+    pub isa: Option<crate::backend::Isa>,
 }
 
 /// A loaded model and its tokenizer. Read-only after load; share it across threads.
@@ -230,7 +235,7 @@ struct PanelsMade {
 }
 
 /// Repack the text decoder's bf16 weights into panels ([`dvl_kernels::packed`]) where
-/// this CPU's best kernels are AVX2's (no AVX-512): its few-row panel kernel runs a
+/// the kernels run (`isa`) are AVX2's (the CPU has no AVX-512, or `DVL_ISA=avx2`): its few-row panel kernel runs a
 /// denoising step's matmuls 1.1-1.5× faster than the dot-product tiles on the weights as
 /// stored, and the many-row GEMM reads panels as fast. Costs a copy of those weights (the
 /// mapped checkpoint pages they came from are not read again, except a tied embedding
@@ -244,6 +249,7 @@ struct PanelsMade {
 fn pack_if_worthwhile(
     model: &mut Model<'static>,
     layout: WeightLayout,
+    isa: crate::backend::Isa,
     cache: Option<&PanelCache>,
 ) -> Option<PanelsMade> {
     let env = std::env::var("DVL_PACK");
@@ -259,8 +265,7 @@ fn pack_if_worthwhile(
         (WeightLayout::Auto, Ok("1")) => Some(true),
         (WeightLayout::Auto, _) => None,
     };
-    let avx2_best = || dvl_kernels::cpu::detect_isa() == crate::backend::Isa::Avx2;
-    if chosen == Some(false) || (chosen.is_none() && !avx2_best()) {
+    if chosen == Some(false) || (chosen.is_none() && isa != crate::backend::Isa::Avx2) {
         return None;
     }
     if let Some(cache) = cache {
@@ -583,7 +588,8 @@ impl Engine {
             )));
         }
         let mut model = Model::new(config, store)?;
-        let made = pack_if_worthwhile(&mut model, layout, cache.as_ref());
+        let isa = options.isa.unwrap_or_else(crate::backend::default_isa);
+        let made = pack_if_worthwhile(&mut model, layout, isa, cache.as_ref());
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = if tok_path.exists() {
             Some(Tokenizer::from_file(&tok_path)?)
@@ -621,7 +627,7 @@ impl Engine {
     ) -> Result<Engine> {
         let config = Config::from_json(config_json)?;
         let mut model = Model::new(config, WeightStore::new(shards)?)?;
-        let made = pack_if_worthwhile(&mut model, layout, None);
+        let made = pack_if_worthwhile(&mut model, layout, crate::backend::default_isa(), None);
         let tokenizer = tokenizer_json.map(Tokenizer::from_bytes).transpose()?;
         Ok(Engine {
             model,

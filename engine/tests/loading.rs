@@ -363,6 +363,31 @@ fn the_weight_layout_is_the_callers_choice_at_load() {
     assert!(parts(WeightLayout::Panels).model.is_packed());
 }
 
+/// Under the automatic layout the weights go into panels for the AVX2 kernels, whichever
+/// CPU runs them (an AVX2-only CPU's default; `--isa avx2` / `DVL_ISA=avx2` on a newer one),
+/// and stay as stored for the others.
+#[test]
+fn the_automatic_layout_follows_the_kernel_isa() {
+    use dvl::backend::Isa;
+    use dvl::{LoadOptions, WeightLayout};
+    if std::env::var_os("DVL_PACK").is_some() {
+        eprintln!("skipped: DVL_PACK overrides the automatic layout");
+        return;
+    }
+    let open = |isa| {
+        let options = LoadOptions {
+            layout: WeightLayout::Auto,
+            isa: Some(isa),
+            ..LoadOptions::default()
+        };
+        Engine::open_with(&tiny(), &options).unwrap()
+    };
+    assert!(!open(Isa::Portable).model.is_packed());
+    assert!(!open(Isa::Avx512).model.is_packed());
+    // (The tiny model's panels are a few MB: they fit in any machine's memory.)
+    assert!(open(Isa::Avx2).model.is_packed());
+}
+
 /// The engine never prints: its load notices are `log` records (target `dvl::…`), which a
 /// program shows or drops as it likes (the CLI shows info and up on stderr; libdvl hands
 /// them to the C log callback). Records are kept per thread: other tests load too.

@@ -67,6 +67,7 @@ fn open(model: &Path, layout: WeightLayout, cache: &Path) -> Engine {
     let options = LoadOptions {
         layout,
         panel_cache: Some(cache.to_path_buf()),
+        ..LoadOptions::default()
     };
     Engine::open_with(model, &options).unwrap()
 }

@@ -603,6 +603,7 @@ pub unsafe extern "C" fn dvl_model_load(
         let options = LoadOptions {
             layout,
             panel_cache,
+            ..LoadOptions::default()
         };
         let mut engine = Engine::open_with(&dir, &options)?;
         p.apply(&mut engine);

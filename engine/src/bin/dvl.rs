@@ -32,7 +32,8 @@ tiles, on the FMA kernels). --json prints one
 object (ids, text, prompt_rows, forward_passes, timings); --dump DIR writes the fixture
 probe tensors to DIR/dump.safetensors. --repeat N runs the request N times on the loaded
 model and reports each stage's median time (for timing without the model and tokenizer
-load). Where AVX2 is the CPU's best ISA the text decoder's bf16 weights are repacked into
+load). Where the kernels are AVX2's (the CPU's best ISA, DVL_ISA=avx2, or bench's --isa
+avx2) the text decoder's bf16 weights are repacked into
 16-output panels at load (--weights auto, the default: a copy of them, skipped where it
 would not fit in available memory; DVL_PACK=0 or 1 overrides auto). --weights stored reads
 them as stored (no copy), --weights panels repacks on any CPU. --panel-cache DIR (or
@@ -123,6 +124,9 @@ fn open_engine(model: &str, args: &Args) -> Result<Engine, String> {
         layout,
         // Unset: DVL_PANEL_CACHE, if set (the library reads it).
         panel_cache: args.one("panel-cache").map(PathBuf::from),
+        // bench's --isa (checked there): the layout is chosen for those kernels, so that
+        // `--isa avx2` measures what an AVX2-only CPU runs.
+        isa: args.one("isa").and_then(dvl::backend::parse_isa),
     };
     Engine::open_with(&PathBuf::from(model), &options).map_err(|e| e.to_string())
 }
