@@ -116,6 +116,18 @@ fn m_chunk(kp: usize, m: usize) -> usize {
     m.div_ceil(m.div_ceil(c).max(1)).next_multiple_of(32)
 }
 
+/// k blocks per k chunk of a row pass of `rows` rows ([`matmul_amx_bf16_packed`]): all of
+/// them where the pass's packed activations fit the L2 budget [`m_chunk`] plans for, else
+/// about half that budget's worth (the other half holds the parked C tiles), in whole
+/// slices of [`KC_BLOCKS`].
+fn k_chunk_blocks(rows: usize, kb: usize) -> usize {
+    let block_row_bytes = rows.next_multiple_of(16) * 64;
+    if block_row_bytes * kb <= 3 << 19 {
+        return kb;
+    }
+    ((3 << 18) / block_row_bytes).max(KC_BLOCKS) / KC_BLOCKS * KC_BLOCKS
+}
+
 macro_rules! tile_load {
     ($t:literal, $p:expr, $stride:expr) => {
         asm!(concat!("tileloadd tmm", $t, ", [{p} + {s}*1]"), p = in(reg) $p, s = in(reg) $stride, options(nostack, readonly))
@@ -636,11 +648,21 @@ pub unsafe fn matmul_amx_bf16_packed(
         return;
     }
     let chunk = m_chunk(kp, m);
-    // C tiles of one weight-block pair over a row chunk, parked between k slices: slot
-    // (mb − mb0)·2 + db. Parking is exact (f32 out and back), so results do not depend on
-    // the slicing.
-    let mut cbuf = Aligned::<f32>::zeroed(chunk.min(m).div_ceil(16) * 2 * 256);
+    // k chunks: where a row pass's packed activations overflow L2 (the down projections,
+    // k > 4096: 6.3 MB for 288 rows of the 3B's k = 11008), every weight-block pair would
+    // read them all again from L3. Taken a chunk of k at a time, each chunk's activations
+    // stay in L2 while all the pairs pass over them, and every pair's C tiles stay parked
+    // from one chunk to the next. Each C tile still sees the same products and parkings in
+    // the same order (slices of KC_BLOCKS k blocks, ascending k), so the bits are the same.
+    let kc_blocks = k_chunk_blocks(chunk.min(m), kb);
+    let pairs_parked = if kc_blocks < kb { nb.div_ceil(2) } else { 1 };
+    // C tiles of the parked weight-block pairs over a row chunk, parked between k slices:
+    // slot ((b / 2) % pairs_parked · mblocks + mb − mb0)·2 + db. Parking is exact (f32 out
+    // and back), so results do not depend on the slicing.
+    let mblocks_max = chunk.min(m).div_ceil(16);
+    let mut cbuf = Aligned::<f32>::zeroed(pairs_parked * mblocks_max * 2 * 256);
     let cptr = cbuf.as_mut_ptr();
+    let pair_slots = |b: usize| cptr.add((b / 2) % pairs_parked * mblocks_max * 512);
     // The current weight slice, 64-byte aligned: 2 blocks × KC_BLOCKS k blocks × 16 rows
     // of 32 bf16.
     let mut slice_buf = Aligned::<u16>::zeroed(2 * KC_BLOCKS * 16 * 32);
@@ -650,151 +672,163 @@ pub unsafe fn matmul_amx_bf16_packed(
         let mc = chunk.min(m - m0);
         let (mb0, mblocks) = (m0 / 16, mc.div_ceil(16));
         let mb_end = mb0 + mblocks;
-        let mut b = 0;
-        while b < nb {
-            let two_n = b + 1 < nb;
-            // k slices of KC_BLOCKS·32: the weight-block pair's slice (32 rows × 512 bytes)
-            // is copied into a contiguous buffer and stays in L1 while every row block of
-            // the chunk passes over it. Read in place, rows k·2 bytes apart alias to the same
-            // L1 sets whenever k is a power of two (2048, 4096...), and the tiles came from
-            // L2 on every use.
-            {
-                let mut q0 = 0;
-                while q0 < kb {
-                    let q1 = (q0 + KC_BLOCKS).min(kb);
-                    // Copy the slice (16 rows of 64 bytes per block and k block); prefetch the
-                    // matching lines of the next slice on the way, so it is in cache when its
-                    // turn comes.
-                    let (pf_b, pf_q) = if q1 < kb { (b, q1) } else { (b + 2, 0) };
-                    for db in 0..if two_n { 2 } else { 1 } {
-                        for q in q0..q1 {
-                            let (src, st) = a_tile(b + db, q);
-                            let dst = slice_ptr.add(((db * KC_BLOCKS + (q - q0)) * 16) * 32);
-                            let pf = if pf_b + db < nb && pf_q + (q - q0) < kb {
-                                Some(a_tile(pf_b + db, pf_q + (q - q0)))
-                            } else {
-                                None
-                            };
-                            for row in 0..16 {
-                                let v = _mm512_loadu_si512(
-                                    (src as *const u8).add(row * st) as *const _
-                                );
-                                _mm512_store_si512(dst.add(row * 32) as *mut _, v);
-                                if let Some((pp, pst)) = pf {
-                                    _mm_prefetch::<_MM_HINT_T0>(
-                                        (pp as *const u8).add(row * pst) as *const i8
+        let mut qc0 = 0;
+        while qc0 < kb {
+            let qc1 = (qc0 + kc_blocks).min(kb);
+            let mut b = 0;
+            while b < nb {
+                let two_n = b + 1 < nb;
+                let pair = pair_slots(b);
+                // k slices of KC_BLOCKS·32: the weight-block pair's slice (32 rows × 512 bytes)
+                // is copied into a contiguous buffer and stays in L1 while every row block of
+                // the chunk passes over it. Read in place, rows k·2 bytes apart alias to the same
+                // L1 sets whenever k is a power of two (2048, 4096...), and the tiles came from
+                // L2 on every use.
+                {
+                    let mut q0 = qc0;
+                    while q0 < qc1 {
+                        let q1 = (q0 + KC_BLOCKS).min(qc1);
+                        // Copy the slice (16 rows of 64 bytes per block and k block); prefetch the
+                        // matching lines of the next slice on the way, so it is in cache when its
+                        // turn comes.
+                        let (pf_b, pf_q) = if q1 < qc1 { (b, q1) } else { (b + 2, qc0) };
+                        for db in 0..if two_n { 2 } else { 1 } {
+                            for q in q0..q1 {
+                                let (src, st) = a_tile(b + db, q);
+                                let dst = slice_ptr.add(((db * KC_BLOCKS + (q - q0)) * 16) * 32);
+                                let pf = if pf_b + db < nb && pf_q + (q - q0) < kb {
+                                    Some(a_tile(pf_b + db, pf_q + (q - q0)))
+                                } else {
+                                    None
+                                };
+                                for row in 0..16 {
+                                    let v = _mm512_loadu_si512(
+                                        (src as *const u8).add(row * st) as *const _
                                     );
-                                }
-                            }
-                        }
-                    }
-                    let a_slice = |db: usize, q: usize| {
-                        slice_ptr.add(((db * KC_BLOCKS + (q - q0)) * 16) * 32)
-                    };
-                    let mut mb = mb0;
-                    while mb < mb_end {
-                        let two_m = mb + 1 < mb_end;
-                        let slot =
-                            |dm: usize, db: usize| cptr.add(((mb - mb0 + dm) * 2 + db) * 256);
-                        if q0 == 0 {
-                            tile_zero!("0");
-                            tile_zero!("1");
-                            tile_zero!("2");
-                            tile_zero!("3");
-                        } else {
-                            tile_load!("0", slot(0, 0), 64usize);
-                            if two_m {
-                                tile_load!("1", slot(1, 0), 64usize);
-                            }
-                            if two_n {
-                                tile_load!("2", slot(0, 1), 64usize);
-                                if two_m {
-                                    tile_load!("3", slot(1, 1), 64usize);
-                                }
-                            }
-                        }
-                        for q in q0..q1 {
-                            if q1 == kb {
-                                // Last slice: claim (prefetchw) this row-block pair's output lines
-                                // a few rows per k step, so the transposed stores after the row
-                                // loop hit cache instead of each waiting for its own
-                                // read-for-ownership (output rows are ldo apart: no hardware
-                                // prefetcher follows them).
-                                let per = 32usize.div_ceil(q1 - q0);
-                                let r0 = mb * 16 + (q - q0) * per;
-                                let r1 = (r0 + per).min(((mb + 2) * 16).min(m));
-                                let cols = if two_n { 32 } else { 16 }.min(n - b * 16);
-                                for r in r0..r1 {
-                                    let row = out_row(r).add(b * 16) as *const i8;
-                                    _mm_prefetch::<_MM_HINT_ET0>(row);
-                                    _mm_prefetch::<_MM_HINT_ET0>(row.add(cols * 4 - 4));
-                                    if cols > 16 {
-                                        _mm_prefetch::<_MM_HINT_ET0>(row.add(64));
+                                    _mm512_store_si512(dst.add(row * 32) as *mut _, v);
+                                    if let Some((pp, pst)) = pf {
+                                        _mm_prefetch::<_MM_HINT_T0>(
+                                            (pp as *const u8).add(row * pst) as *const i8,
+                                        );
                                     }
                                 }
                             }
-                            tile_load!("4", a_slice(0, q), 64usize);
-                            tile_load!("6", b_tile(mb, q), 64usize);
-                            tile_dp!("0", "4", "6");
-                            if two_m {
-                                tile_load!("7", b_tile(mb + 1, q), 64usize);
-                                tile_dp!("1", "4", "7");
-                            }
-                            if two_n {
-                                tile_load!("5", a_slice(1, q), 64usize);
-                                tile_dp!("2", "5", "6");
+                        }
+                        let a_slice = |db: usize, q: usize| {
+                            slice_ptr.add(((db * KC_BLOCKS + (q - q0)) * 16) * 32)
+                        };
+                        let mut mb = mb0;
+                        while mb < mb_end {
+                            let two_m = mb + 1 < mb_end;
+                            let slot =
+                                |dm: usize, db: usize| pair.add(((mb - mb0 + dm) * 2 + db) * 256);
+                            if q0 == 0 {
+                                tile_zero!("0");
+                                tile_zero!("1");
+                                tile_zero!("2");
+                                tile_zero!("3");
+                            } else {
+                                tile_load!("0", slot(0, 0), 64usize);
                                 if two_m {
-                                    tile_dp!("3", "5", "7");
+                                    tile_load!("1", slot(1, 0), 64usize);
+                                }
+                                if two_n {
+                                    tile_load!("2", slot(0, 1), 64usize);
+                                    if two_m {
+                                        tile_load!("3", slot(1, 1), 64usize);
+                                    }
                                 }
                             }
-                        }
-                        tile_store!("0", slot(0, 0), 64usize);
-                        if two_m {
-                            tile_store!("1", slot(1, 0), 64usize);
-                        }
-                        if two_n {
-                            tile_store!("2", slot(0, 1), 64usize);
-                            if two_m {
-                                tile_store!("3", slot(1, 1), 64usize);
+                            for q in q0..q1 {
+                                if q1 == kb {
+                                    // Last slice: claim (prefetchw) this row-block pair's output lines
+                                    // a few rows per k step, so the transposed stores after the row
+                                    // loop hit cache instead of each waiting for its own
+                                    // read-for-ownership (output rows are ldo apart: no hardware
+                                    // prefetcher follows them).
+                                    let per = 32usize.div_ceil(q1 - q0);
+                                    let r0 = mb * 16 + (q - q0) * per;
+                                    let r1 = (r0 + per).min(((mb + 2) * 16).min(m));
+                                    let cols = if two_n { 32 } else { 16 }.min(n - b * 16);
+                                    for r in r0..r1 {
+                                        let row = out_row(r).add(b * 16) as *const i8;
+                                        _mm_prefetch::<_MM_HINT_ET0>(row);
+                                        _mm_prefetch::<_MM_HINT_ET0>(row.add(cols * 4 - 4));
+                                        if cols > 16 {
+                                            _mm_prefetch::<_MM_HINT_ET0>(row.add(64));
+                                        }
+                                    }
+                                }
+                                tile_load!("4", a_slice(0, q), 64usize);
+                                tile_load!("6", b_tile(mb, q), 64usize);
+                                tile_dp!("0", "4", "6");
+                                if two_m {
+                                    tile_load!("7", b_tile(mb + 1, q), 64usize);
+                                    tile_dp!("1", "4", "7");
+                                }
+                                if two_n {
+                                    tile_load!("5", a_slice(1, q), 64usize);
+                                    tile_dp!("2", "5", "6");
+                                    if two_m {
+                                        tile_dp!("3", "5", "7");
+                                    }
+                                }
                             }
+                            tile_store!("0", slot(0, 0), 64usize);
+                            if two_m {
+                                tile_store!("1", slot(1, 0), 64usize);
+                            }
+                            if two_n {
+                                tile_store!("2", slot(0, 1), 64usize);
+                                if two_m {
+                                    tile_store!("3", slot(1, 1), 64usize);
+                                }
+                            }
+                            mb += if two_m { 2 } else { 1 };
                         }
-                        mb += if two_m { 2 } else { 1 };
-                    }
-                    q0 = q1;
-                }
-            }
-            // Parked C tile: rows = 16 weight rows (outputs j), columns = 16 activation
-            // rows. Transposed on the way out (16×16 in registers), then the bias and a
-            // (masked) contiguous store of 16 outputs per activation row.
-            for db in 0..if two_n { 2 } else { 1 } {
-                let j0 = (b + db) * 16;
-                let (jmask, bias_v) = block_mask_bias(j0, n, bias);
-                for mb in mb0..mb_end {
-                    let tile = cptr.add(((mb - mb0) * 2 + db) * 256);
-                    let mut rows = [_mm512_setzero_ps(); 16];
-                    for (r, v) in rows.iter_mut().enumerate() {
-                        *v = _mm512_loadu_ps(tile.add(r * 16));
-                    }
-                    transpose16(&mut rows);
-                    let i_base = mb * 16;
-                    let mvalid = m.saturating_sub(i_base).min(16);
-                    for (ir, &col) in rows.iter().enumerate().take(mvalid) {
-                        let v = i_base + ir;
-                        let dst = out_row(v).add(j0);
-                        let val = match (parts, v / m_out) {
-                            (1, _) => _mm512_add_ps(col, bias_v),
-                            (_, 0) => col,
-                            (_, 1) => _mm512_add_ps(_mm512_maskz_loadu_ps(jmask, dst), col),
-                            _ => _mm512_add_ps(
-                                _mm512_add_ps(_mm512_maskz_loadu_ps(jmask, dst), col),
-                                bias_v,
-                            ),
-                        };
-                        _mm512_mask_storeu_ps(dst, jmask, val);
+                        q0 = q1;
                     }
                 }
+                // Parked C tile: rows = 16 weight rows (outputs j), columns = 16 activation
+                // rows. Transposed on the way out (16×16 in registers), then the bias and a
+                // (masked) contiguous store of 16 outputs per activation row.
+                for db in 0..if qc1 == kb && two_n {
+                    2
+                } else if qc1 == kb {
+                    1
+                } else {
+                    0
+                } {
+                    let j0 = (b + db) * 16;
+                    let (jmask, bias_v) = block_mask_bias(j0, n, bias);
+                    for mb in mb0..mb_end {
+                        let tile = pair.add(((mb - mb0) * 2 + db) * 256);
+                        let mut rows = [_mm512_setzero_ps(); 16];
+                        for (r, v) in rows.iter_mut().enumerate() {
+                            *v = _mm512_loadu_ps(tile.add(r * 16));
+                        }
+                        transpose16(&mut rows);
+                        let i_base = mb * 16;
+                        let mvalid = m.saturating_sub(i_base).min(16);
+                        for (ir, &col) in rows.iter().enumerate().take(mvalid) {
+                            let v = i_base + ir;
+                            let dst = out_row(v).add(j0);
+                            let val = match (parts, v / m_out) {
+                                (1, _) => _mm512_add_ps(col, bias_v),
+                                (_, 0) => col,
+                                (_, 1) => _mm512_add_ps(_mm512_maskz_loadu_ps(jmask, dst), col),
+                                _ => _mm512_add_ps(
+                                    _mm512_add_ps(_mm512_maskz_loadu_ps(jmask, dst), col),
+                                    bias_v,
+                                ),
+                            };
+                            _mm512_mask_storeu_ps(dst, jmask, val);
+                        }
+                    }
+                }
+                b += if two_n { 2 } else { 1 };
             }
-            b += if two_n { 2 } else { 1 };
+            qc0 = qc1;
         }
         m0 += mc;
     }

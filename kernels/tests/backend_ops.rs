@@ -894,8 +894,11 @@ fn amx_matches_reference_on_bf16_rounded_activations() {
         (70, 1176, 45),
         (300, 96, 20),
         (33, 3420, 17),
-        // Activations too large for L2: every row in one pass over the weights.
+        // Activations too large for L2: every row in one pass over the weights, in k
+        // chunks (24 k blocks and a tail) with the C tiles of both block pairs parked.
         (500, 4100, 40),
+        // Two passes of 576 rows, each in k chunks, five block pairs and a lone block.
+        (1100, 4200, 170),
         // Several passes over the weights (row chunks of 160), a k tail, a lone last block.
         (420, 2040, 37),
     ] {
