@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # dvl bench and the PyTorch peer alternately, ROUNDS times per shape, so that both see the
 # same machine state (a shared VM's speed drifts by tens of percent within minutes; one
-# engine after the other can land on different sides of a drift). Prints JSON lines; take
-# medians per engine. Never run by CI.
+# engine after the other can land on different sides of a drift). Prints JSON lines on
+# stdout, and at the end the per-round ratios (benches/ratios.py) on stderr. Never run by CI.
 #
 #   benches/alternate.sh [SHAPES...]      default: 0.5b 3b
 # Environment: PEER_PY (default /work/peer-venv/bin/python), THREADS (2), PREFIX (288),
@@ -16,6 +16,8 @@ shapes=("$@")
 [ ${#shapes[@]} -gt 0 ] || shapes=(0.5b 3b)
 cargo build --release -p dvl >&2
 DVL=target/release/dvl
+lines=$(mktemp)
+trap 'rm -f "$lines"' EXIT
 for shape in "${shapes[@]}"; do
   model="$SYNTH_DIR/$shape"
   [ -f "$model/config.json" ] || $DVL synth --shape "$shape" --out "$model" >&2
@@ -28,4 +30,5 @@ for shape in "${shapes[@]}"; do
       --reps "$REPS" $PEER_OPTS --json-summary 2>/dev/null | tail -n 1 \
       | sed "s/^{/{\"round\":$round,/"
   done
-done
+done | tee "$lines"
+python3 benches/ratios.py "$lines" >&2
