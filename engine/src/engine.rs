@@ -235,13 +235,14 @@ struct PanelsMade {
 }
 
 /// Repack the text decoder's bf16 weights into panels ([`dvl_kernels::packed`]) where
-/// the kernels run (`isa`) are AVX2's (the CPU has no AVX-512, or `DVL_ISA=avx2`): its few-row panel kernel runs a
-/// denoising step's matmuls 1.1-1.5× faster than the dot-product tiles on the weights as
-/// stored, and the many-row GEMM reads panels as fast. Costs a copy of those weights (the
-/// mapped checkpoint pages they came from are not read again, except a tied embedding
-/// table's looked-up rows) and a pass over them at load; skipped when the copy would not
-/// fit in available memory. `layout` other than `Auto` decides; under `Auto`, `DVL_PACK=0`
-/// keeps the weights as stored and `DVL_PACK=1` packs whatever the CPU and memory.
+/// the kernels run (`isa`) are AVX2's (the CPU has no AVX-512, or `DVL_ISA=avx2`): their
+/// few-row panel kernel runs a denoising step's matmuls 1.1-1.5× faster than the
+/// dot-product tiles on the weights as stored, and the many-row GEMM reads panels as fast.
+/// Costs a copy of those weights (the mapped checkpoint pages they came from are not read
+/// again, except a tied embedding table's looked-up rows) and a pass over them at load;
+/// skipped when the copy would not fit in available memory. `layout` other than `Auto`
+/// decides; under `Auto`, `DVL_PACK=0` keeps the weights as stored and `DVL_PACK=1` packs
+/// whatever the CPU and memory.
 /// With a panel `cache` entry, a valid file is mapped instead and a missing or unusable one
 /// is replaced by repacking straight into a new file (either way no anonymous copy, so no
 /// memory check).

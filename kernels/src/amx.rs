@@ -679,11 +679,11 @@ pub unsafe fn matmul_amx_bf16_packed(
             while b < nb {
                 let two_n = b + 1 < nb;
                 let pair = pair_slots(b);
-                // k slices of KC_BLOCKS·32: the weight-block pair's slice (32 rows × 512 bytes)
-                // is copied into a contiguous buffer and stays in L1 while every row block of
-                // the chunk passes over it. Read in place, rows k·2 bytes apart alias to the same
-                // L1 sets whenever k is a power of two (2048, 4096...), and the tiles came from
-                // L2 on every use.
+                // k slices of KC_BLOCKS·32: the weight-block pair's slice (32 rows × 512
+                // bytes) is copied into a contiguous buffer and stays in L1 while every row
+                // block of the chunk passes over it. Read in place, rows k·2 bytes apart
+                // alias to the same L1 sets whenever k is a power of two (2048, 4096...), and
+                // the tiles came from L2 on every use.
                 {
                     let mut q0 = qc0;
                     while q0 < qc1 {
@@ -741,11 +741,11 @@ pub unsafe fn matmul_amx_bf16_packed(
                             }
                             for q in q0..q1 {
                                 if q1 == kb {
-                                    // Last slice: claim (prefetchw) this row-block pair's output lines
-                                    // a few rows per k step, so the transposed stores after the row
-                                    // loop hit cache instead of each waiting for its own
-                                    // read-for-ownership (output rows are ldo apart: no hardware
-                                    // prefetcher follows them).
+                                    // Last slice: claim (prefetchw) this row-block pair's
+                                    // output lines a few rows per k step, so the transposed
+                                    // stores after the row loop hit cache instead of each
+                                    // waiting for its own read-for-ownership (output rows are
+                                    // ldo apart: no hardware prefetcher follows them).
                                     let per = 32usize.div_ceil(q1 - q0);
                                     let r0 = mb * 16 + (q - q0) * per;
                                     let r1 = (r0 + per).min(((mb + 2) * 16).min(m));
