@@ -1142,7 +1142,6 @@ impl CpuBackend {
     }
 }
 
-/// `portable`, `avx2` or `avx512`.
 /// The ISA a backend made now runs: the best this CPU supports, lowered by `DVL_ISA` where
 /// that names one the CPU supports (the backend warns about any other value). The weight
 /// layout is chosen for it too (`Engine::open`: panels where it is AVX2).
@@ -1157,6 +1156,7 @@ pub fn default_isa() -> Isa {
     best
 }
 
+/// `portable`, `avx2` or `avx512`.
 pub fn parse_isa(name: &str) -> Option<Isa> {
     match name {
         "portable" => Some(Isa::Portable),
